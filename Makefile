@@ -1,0 +1,36 @@
+# The two commands of the README: `make test` and `make demo`. Both install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONHASHSEED := 0
+
+.PHONY: install test test-fast demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+lint: $(STAMP)
+	$(PY) check_flags.py .
+
+test: lint
+	$(PY) -m pytest -q tests
+
+# The suite without the tests marked slow: for a quick loop while editing.
+test-fast: lint
+	$(PY) -m pytest -q -m 'not slow' tests
+
+demo: $(STAMP)
+	$(PY) util_scripts/run_demo.py --output_dir=demo_out
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py --output_dir=bench_out
+
+clean:
+	rm -rf demo_out bench_out .pytest_cache

@@ -1,0 +1,159 @@
+"""The neighbour cache: the format `query_cacher_tfrecord.py` writes and training reads.
+
+A cache is a directory holding `manifest.json` and, per split, shards named
+`{split}-{i:05d}-of-{n:05d}.tfrecord` of `tf.train.Example`s, one per question.
+Every feature is a plain bytes/int64/float list, so any tool can read it; the
+raggedness of answers and neighbour blocks is carried by explicit lengths
+(no EOS-as-padding tricks):
+
+  id                   bytes [1]    KILT id of the question
+  question             bytes [1]    question text (KILT `input`)
+  question_ids         int64 [Q]    GPT-2 ids of the question
+  answer_ids           int64 [sum]  GPT-2 ids of every answer, concatenated
+  answer_lengths       int64 [A]    length of each answer (A = 0 on the test split)
+  neighbour_block_ids  int64 [N]    block ids, best first
+  neighbour_scores     float [N]    inner products, descending
+  neighbour_ids        int64 [sum]  GPT-2 ids of every neighbour block, concatenated
+  neighbour_lengths    int64 [N]    length of each block's ids (truncated at
+                                    `max_block_tokens` when cached)
+
+The manifest (written last, so a directory without it is not a finished cache):
+
+  {"format_version": 1,
+   "embedder_path": str, "blocks_path": str, "num_blocks": int,
+   "tokenizer": str, "vocab_size": int, "tokenizer_fingerprint": str,
+   "search": {"kind": "exact"} | {"kind": "scann", ...the ScaNN config...},
+   "num_neighbours": int, "max_block_tokens": int,
+   "splits": {"train": {"shards": [names], "num_records": int}, ...}}
+"""
+
+import os
+
+import tensorflow as tf
+
+import utils
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "validation", "test")
+
+_FEATURES = {
+    "id": tf.io.FixedLenFeature([], tf.string),
+    "question": tf.io.FixedLenFeature([], tf.string),
+    "question_ids": tf.io.VarLenFeature(tf.int64),
+    "answer_ids": tf.io.VarLenFeature(tf.int64),
+    "answer_lengths": tf.io.VarLenFeature(tf.int64),
+    "neighbour_block_ids": tf.io.VarLenFeature(tf.int64),
+    "neighbour_scores": tf.io.VarLenFeature(tf.float32),
+    "neighbour_ids": tf.io.VarLenFeature(tf.int64),
+    "neighbour_lengths": tf.io.VarLenFeature(tf.int64),
+}
+
+
+def shard_name(split, index, num_shards):
+  return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+def _int64s(values):
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
+
+
+def encode_example(*, example_id, question, question_ids, answer_ids,
+                   neighbour_block_ids, neighbour_scores, neighbour_ids):
+  """Serialises one question's record.
+
+  Args:
+    example_id, question: strings.
+    question_ids: GPT-2 ids of the question.
+    answer_ids: a list of id lists, one per answer (empty on the test split).
+    neighbour_block_ids, neighbour_scores: [N], best first.
+    neighbour_ids: a list of N id lists, the GPT-2 ids of each block.
+  """
+  if len(neighbour_block_ids) != len(neighbour_scores) or len(
+      neighbour_block_ids) != len(neighbour_ids):
+    raise ValueError("neighbour_block_ids, neighbour_scores and neighbour_ids "
+                     "must have one entry per neighbour")
+  features = {
+      "id": tf.train.Feature(bytes_list=tf.train.BytesList(
+          value=[example_id.encode("utf-8")])),
+      "question": tf.train.Feature(bytes_list=tf.train.BytesList(
+          value=[question.encode("utf-8")])),
+      "question_ids": _int64s(question_ids),
+      "answer_ids": _int64s(i for answer in answer_ids for i in answer),
+      "answer_lengths": _int64s(len(answer) for answer in answer_ids),
+      "neighbour_block_ids": _int64s(neighbour_block_ids),
+      "neighbour_scores": tf.train.Feature(float_list=tf.train.FloatList(
+          value=list(neighbour_scores))),
+      "neighbour_ids": _int64s(i for block in neighbour_ids for i in block),
+      "neighbour_lengths": _int64s(len(block) for block in neighbour_ids),
+  }
+  return tf.train.Example(features=tf.train.Features(
+      feature=features)).SerializeToString()
+
+
+def parse_example(serialized):
+  """Parses one serialised record into tensors (usable inside `tf.data.map`).
+
+  Returns a dict: `id`, `question` (string scalars), `question_ids` int32 [Q],
+  `answers` int32 ragged [A, None], `neighbour_block_ids` int64 [N],
+  `neighbour_scores` float32 [N], `neighbours` int32 ragged [N, None].
+  """
+  parsed = tf.io.parse_single_example(serialized, _FEATURES)
+  dense = {name: tf.sparse.to_dense(value) if isinstance(
+      value, tf.sparse.SparseTensor) else value for name, value in parsed.items()}
+  return {
+      "id": dense["id"],
+      "question": dense["question"],
+      "question_ids": tf.cast(dense["question_ids"], tf.int32),
+      "answers": tf.RaggedTensor.from_row_lengths(
+          tf.cast(dense["answer_ids"], tf.int32), dense["answer_lengths"]),
+      "neighbour_block_ids": dense["neighbour_block_ids"],
+      "neighbour_scores": dense["neighbour_scores"],
+      "neighbours": tf.RaggedTensor.from_row_lengths(
+          tf.cast(dense["neighbour_ids"], tf.int32),
+          dense["neighbour_lengths"]),
+  }
+
+
+def read_manifest(cache_dir):
+  """The cache's manifest; a directory without one is not a finished cache."""
+  path = os.path.join(cache_dir, MANIFEST_NAME)
+  if not tf.io.gfile.exists(path):
+    raise utils.UserError(
+        f"{cache_dir}: no {MANIFEST_NAME}; not a finished neighbour cache "
+        "(run query_cacher_tfrecord.py, or let it finish)")
+  manifest = utils.read_json(path, "cache manifest")
+  if manifest.get("format_version") != FORMAT_VERSION:
+    raise utils.UserError(
+        f"{path}: format_version {manifest.get('format_version')!r}, this code "
+        f"reads version {FORMAT_VERSION}")
+  return manifest
+
+
+def check_manifest(manifest, cache_dir, *, split=None, vocab_size=None,
+                   tokenizer_fingerprint=None, num_neighbours=None):
+  """Refuses, with one line, a cache that does not fit what is asked of it."""
+  if split is not None and split not in manifest["splits"]:
+    raise utils.UserError(
+        f"{cache_dir}: no split {split!r} in the cache (it has "
+        f"{', '.join(sorted(manifest['splits'])) or 'none'})")
+  if vocab_size is not None and manifest["vocab_size"] != vocab_size:
+    raise utils.UserError(
+        f"{cache_dir}: cached with tokenizer {manifest['tokenizer']!r} "
+        f"(vocabulary {manifest['vocab_size']}), but the model's vocabulary is "
+        f"{vocab_size}")
+  if (tokenizer_fingerprint is not None and
+      manifest["tokenizer_fingerprint"] != tokenizer_fingerprint):
+    raise utils.UserError(
+        f"{cache_dir}: cached with tokenizer {manifest['tokenizer']!r}, which "
+        "differs from the tokenizer asked for (vocabulary/merges fingerprint)")
+  if num_neighbours is not None and num_neighbours > manifest["num_neighbours"]:
+    raise utils.UserError(
+        f"{cache_dir}: {num_neighbours} neighbours asked for, but the cache "
+        f"stores {manifest['num_neighbours']} per question")
+
+
+def split_files(cache_dir, manifest, split):
+  """Paths of a split's shards, in order."""
+  return [os.path.join(cache_dir, name)
+          for name in manifest["splits"][split]["shards"]]
