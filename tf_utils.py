@@ -1,9 +1,36 @@
-"""Devices and strategies, optimizers and schedules, checkpoints and TFRecord helpers.
+"""Devices and strategies, optimizers and schedules, the train step, checkpoints, TFRecords.
 
 Knows about tf.distribute and Keras optimizers; knows nothing about ELI5.
+Every entry script builds its strategy the same way: `strategy_from_flags()`
+reads the shared flags `--distribute_mode`, `--devices`, `--tpu` and
+`--num_cpu_devices` defined here.
 """
 
+import math
+
+from absl import flags
 import tensorflow as tf
+import tf_keras
+
+import utils
+
+DISTRIBUTE_MODES = ("OneDeviceStrategy", "MirroredStrategy",
+                    "MultiWorkerMirroredStrategy", "TPUStrategy")
+
+_FLAG_DISTRIBUTE_MODE = flags.DEFINE_string(
+    "distribute_mode", "OneDeviceStrategy",
+    f"tf.distribute strategy: one of {', '.join(DISTRIBUTE_MODES)}.")
+_FLAG_DEVICES = flags.DEFINE_list(
+    "devices", None,
+    "Devices to use, e.g. /gpu:0,/gpu:1 (OneDeviceStrategy: the first; "
+    "MirroredStrategy: all). Default: all local GPUs, else the CPU(s).")
+_FLAG_TPU = flags.DEFINE_string(
+    "tpu", None,
+    "TPUStrategy: the TPU's name or grpc:// address, or 'local' on a TPU VM.")
+_FLAG_NUM_CPU_DEVICES = flags.DEFINE_integer(
+    "num_cpu_devices", 1,
+    "Split the host CPU into this many logical devices (several replicas, or "
+    "a model split over devices, on a machine without accelerators).")
 
 
 # ---------------------------------------------------------------------------
@@ -22,3 +49,292 @@ def split_host_cpu(num_devices):
   tf.config.set_logical_device_configuration(
       cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_devices)
   return [device.name for device in tf.config.list_logical_devices("CPU")]
+
+
+def _canonical_device(name):
+  spec = tf.DeviceSpec.from_string(name)
+  return f"/device:{(spec.device_type or 'CPU').upper()}:{spec.device_index or 0}"
+
+
+def check_devices(devices):
+  """Canonical names of `devices`; a UserError naming any that is not here."""
+  local = {_canonical_device(d.name): d.name
+           for d in tf.config.list_logical_devices()}
+  canonical = []
+  for device in devices:
+    name = _canonical_device(device)
+    if name not in local:
+      raise utils.UserError(
+          f"device {device!r} not found; this host has: "
+          f"{', '.join(sorted(local)) or 'no devices'}")
+    canonical.append(name)
+  return canonical
+
+
+def _default_devices():
+  gpus = tf.config.list_logical_devices("GPU")
+  return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+
+
+def _tpu_strategy(tpu):
+  found = ", ".join(d.name for d in tf.config.list_logical_devices())
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
+    if tpu not in (None, "", "local"):
+      tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+  except Exception as error:  # pylint: disable=broad-except
+    # The resolver fails in many ways (no name, DNS, no TPU ops); all mean the
+    # same to the user: there is no TPU to run on.
+    reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
+    raise utils.UserError(
+        f"--distribute_mode=TPUStrategy: no TPU reachable with --tpu={tpu!r} "
+        f"({reason}); devices found: {found}") from None
+  return tf.distribute.TPUStrategy(resolver)
+
+
+def make_strategy(distribute_mode, *, devices=None, tpu=None):
+  """The tf.distribute strategy named by `distribute_mode`.
+
+  Args:
+    distribute_mode: one of DISTRIBUTE_MODES.
+    devices: optional device names. OneDeviceStrategy uses the first
+      (default: the first GPU, else the CPU); MirroredStrategy all of them
+      (default: all GPUs, else all logical CPUs).
+    tpu: TPUStrategy's TPU name, grpc address, or 'local'.
+  """
+  if distribute_mode not in DISTRIBUTE_MODES:
+    raise utils.UserError(
+        f"--distribute_mode={distribute_mode!r} is not one of "
+        f"{', '.join(DISTRIBUTE_MODES)}")
+  if distribute_mode == "TPUStrategy":
+    return _tpu_strategy(tpu)
+  if distribute_mode == "MultiWorkerMirroredStrategy":
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  devices = check_devices(devices) if devices else _default_devices()
+  if distribute_mode == "OneDeviceStrategy":
+    return tf.distribute.OneDeviceStrategy(devices[0])
+  if all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in devices):
+    # NCCL is GPU-only, and collectives over logical CPUs clash when a process
+    # builds more than one strategy (tests do): reduce on one device instead.
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
+  return tf.distribute.MirroredStrategy(devices)
+
+
+def strategy_from_flags():
+  """The strategy the shared flags ask for (call at the start of `main`)."""
+  if _FLAG_NUM_CPU_DEVICES.value < 1:
+    raise utils.UserError(
+        f"--num_cpu_devices={_FLAG_NUM_CPU_DEVICES.value}: must be >= 1")
+  if _FLAG_NUM_CPU_DEVICES.value > 1:
+    split_host_cpu(_FLAG_NUM_CPU_DEVICES.value)
+  return make_strategy(_FLAG_DISTRIBUTE_MODE.value, devices=_FLAG_DEVICES.value,
+                       tpu=_FLAG_TPU.value)
+
+
+# ---------------------------------------------------------------------------
+# Optimisation
+# ---------------------------------------------------------------------------
+
+SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adam", "adamw", "adafactor")
+
+
+class WarmupDecaySchedule(tf_keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warmup from 0 to `peak` over `warmup_steps`, then `decay` to 0.
+
+  decay: "constant" keeps `peak`; "linear" and "cosine" reach 0 at
+  `total_steps`.
+  """
+
+  def __init__(self, peak, warmup_steps, decay, total_steps):
+    super().__init__()
+    self.peak = peak
+    self.warmup_steps = warmup_steps
+    self.decay = decay
+    self.total_steps = total_steps
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    warmup = tf.cast(self.warmup_steps, tf.float32)
+    warmup_factor = tf.minimum(1.0, step / tf.maximum(warmup, 1.0))
+    if self.decay == "constant":
+      return self.peak * warmup_factor
+    decay_steps = tf.maximum(float(self.total_steps - self.warmup_steps), 1.0)
+    progress = tf.clip_by_value((step - warmup) / decay_steps, 0.0, 1.0)
+    if self.decay == "linear":
+      decay_factor = 1.0 - progress
+    else:
+      decay_factor = 0.5 * (1.0 + tf.cos(math.pi * progress))
+    return self.peak * tf.where(step < warmup, warmup_factor, decay_factor)
+
+  def get_config(self):
+    return {"peak": self.peak, "warmup_steps": self.warmup_steps,
+            "decay": self.decay, "total_steps": self.total_steps}
+
+
+def make_learning_rate_schedule(kind, learning_rate, *, warmup_steps=0,
+                                total_steps=None):
+  """A learning-rate schedule: linear warmup, then constant/linear/cosine."""
+  if kind not in SCHEDULES:
+    raise utils.UserError(
+        f"learning-rate schedule {kind!r} is not one of {', '.join(SCHEDULES)}")
+  if warmup_steps < 0:
+    raise utils.UserError(f"warmup steps must be >= 0, got {warmup_steps}")
+  if kind != "constant" and (total_steps is None or total_steps <= warmup_steps):
+    raise utils.UserError(
+        f"the {kind} schedule decays to 0 at the last step: it needs a number "
+        f"of steps greater than the warmup ({warmup_steps}), got {total_steps}")
+  return WarmupDecaySchedule(learning_rate, warmup_steps, kind, total_steps)
+
+
+def make_optimizer(name, learning_rate, *, weight_decay=0.0):
+  """A maintained Keras optimizer: Adam, AdamW or Adafactor.
+
+  AdamW does not decay LayerNorm weights and biases (names containing `ln_`
+  or `bias`), as is usual for GPT-2.
+  """
+  if name == "adam":
+    return tf_keras.optimizers.Adam(learning_rate)
+  if name == "adamw":
+    optimizer = tf_keras.optimizers.AdamW(learning_rate,
+                                          weight_decay=weight_decay)
+    optimizer.exclude_from_weight_decay(var_names=["ln_", "bias"])
+    return optimizer
+  if name == "adafactor":
+    return tf_keras.optimizers.Adafactor(learning_rate)
+  raise utils.UserError(
+      f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+
+
+def _split_micro_batches(batch, batch_split):
+  """[B, ...] tensors -> [batch_split, B / batch_split, ...]."""
+
+  def split(tensor):
+    shape = tf.shape(tensor)
+    return tf.reshape(tensor, tf.concat(
+        [[batch_split, shape[0] // batch_split], shape[1:]], axis=0))
+
+  return tf.nest.map_structure(split, batch)
+
+
+def make_train_step(strategy, loss_fn, variables, optimizer, *, clip_norm=None,
+                    batch_split=1, jit_compile=None):
+  """A distributed train step whose update does not depend on the batch split.
+
+  Each replica splits its batch into `batch_split` micro-batches and
+  accumulates the gradients of `loss_sum`; sums of gradients, losses and token
+  counts are all-reduced over replicas, and the gradient is divided by the
+  token count of the GLOBAL batch. So one device, several replicas and
+  several micro-batches give the same update for the same global batch.
+
+  Args:
+    strategy: the tf.distribute strategy that owns `variables`.
+    loss_fn: micro_batch -> (loss_sum, num_tokens): the sum of per-token
+      losses and how many tokens it sums over.
+    variables: the variables to train.
+    optimizer: a Keras optimizer (gradients reach it already aggregated).
+    clip_norm: clip the global gradient norm to this, if given.
+    batch_split: micro-batches per replica; the per-replica batch size must
+      be divisible by it.
+    jit_compile: compile the replica step with XLA.
+
+  Returns:
+    A tf.function(distributed_batch) -> {"loss": mean loss per token,
+    "grad_norm": global gradient norm before clipping, "num_tokens"}.
+  """
+  variables = list(variables)
+
+  def micro_batch_gradients(micro_batch):
+    with tf.GradientTape() as tape:
+      loss_sum, num_tokens = loss_fn(micro_batch)
+    gradients = tape.gradient(loss_sum, variables)
+    # Embedding gradients come as IndexedSlices; accumulation needs dense.
+    gradients = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                 for g, v in zip(gradients, variables)]
+    return gradients, tf.cast(loss_sum, tf.float32), tf.cast(num_tokens,
+                                                             tf.float32)
+
+  def replica_step(batch):
+    if batch_split == 1:
+      gradients, loss_sum, num_tokens = micro_batch_gradients(batch)
+    else:
+      micro_batches = _split_micro_batches(batch, batch_split)
+      gradients = [tf.zeros_like(v) for v in variables]
+      loss_sum = tf.constant(0.0)
+      num_tokens = tf.constant(0.0)
+      # A while loop (not a Python loop) so micro-batches run one at a time.
+      for index in tf.range(batch_split):
+        micro_batch = tf.nest.map_structure(lambda t: t[index], micro_batches)  # pylint: disable=cell-var-from-loop
+        micro_gradients, micro_loss, micro_tokens = micro_batch_gradients(
+            micro_batch)
+        gradients = [a + g for a, g in zip(gradients, micro_gradients)]
+        loss_sum += micro_loss
+        num_tokens += micro_tokens
+    context = tf.distribute.get_replica_context()
+    gradients, loss_sum, num_tokens = context.all_reduce(
+        tf.distribute.ReduceOp.SUM, (gradients, loss_sum, num_tokens))
+    denominator = tf.maximum(num_tokens, 1.0)
+    gradients = [g / denominator for g in gradients]
+    grad_norm = tf.linalg.global_norm(gradients)
+    if clip_norm:
+      gradients, _ = tf.clip_by_global_norm(gradients, clip_norm,
+                                            use_norm=grad_norm)
+    optimizer.apply_gradients(zip(gradients, variables),
+                              skip_gradients_aggregation=True)
+    return {"loss": loss_sum / denominator, "grad_norm": grad_norm,
+            "num_tokens": num_tokens}
+
+  if jit_compile:
+    replica_step = tf.function(replica_step, jit_compile=True)
+
+  @tf.function
+  def train_step(distributed_batch):
+    per_replica = strategy.run(replica_step, args=(distributed_batch,))
+    # Every replica holds the same all-reduced values: take this host's first.
+    return tf.nest.map_structure(
+        lambda value: strategy.experimental_local_results(value)[0],
+        per_replica)
+
+  return train_step
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and TFRecords
+# ---------------------------------------------------------------------------
+
+
+def make_checkpoint_manager(directory, checkpoint, *, max_to_keep=3):
+  return tf.train.CheckpointManager(checkpoint, directory,
+                                    max_to_keep=max_to_keep)
+
+
+def restore_latest(manager, what="model"):
+  """Restores the latest checkpoint of `manager`; False when there is none.
+
+  A checkpoint that does not fit (a missing or mis-shaped variable) is a
+  UserError naming the checkpoint and the first mismatch.
+  """
+  path = manager.latest_checkpoint
+  if path is None:
+    return False
+  try:
+    manager.checkpoint.restore(path).assert_existing_objects_matched()
+  except (AssertionError, ValueError, tf.errors.OpError) as error:
+    reason = " ".join(str(error).split())[:300]
+    raise utils.UserError(
+        f"{path}: does not match the {what}: {reason}") from None
+  return True
+
+
+def write_tfrecords(path, serialized_records):
+  """Writes records to `path` through a temporary name; returns their number."""
+  tmp = utils.temporary_path(path)
+  count = 0
+  with tf.io.TFRecordWriter(tmp) as writer:
+    for record in serialized_records:
+      writer.write(record)
+      count += 1
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+  return count

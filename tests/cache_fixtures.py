@@ -1,0 +1,96 @@
+"""Tiny neighbour caches and GPT-2 tokenizers of the real formats, built in a test's tmp dir.
+
+Used by the training tests before (and independently of) the demo world: a
+byte-level BPE tokenizer trained on the fixture text and saved as a
+`GPT2TokenizerFast`, and a cache directory (shards + manifest) written with
+`neighbour_cache.encode_example`.
+"""
+
+import os
+
+import numpy as np
+import tokenizers
+import transformers
+
+import neighbour_cache
+import tf_utils
+import utils
+
+EOS = "<|endoftext|>"
+
+_WORDS = ("why does the sky look blue when sun light passes through air "
+          "water boils at lower heat on a high mountain because pressure is "
+          "less ice floats since it is lighter than liquid birds fly south in "
+          "winter to find food plants need light to grow green leaves").split()
+
+
+def fixture_text(num_lines=200, seed=0):
+  rng = np.random.default_rng(seed)
+  return [" ".join(rng.choice(_WORDS, size=12)) for _ in range(num_lines)]
+
+
+def write_tokenizer(directory, vocab_size=300):
+  """Trains a byte-level BPE on the fixture text; saves a GPT2TokenizerFast."""
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=[EOS],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  bpe.train_from_iterator(fixture_text(), trainer=trainer)
+  tokenizer = transformers.GPT2TokenizerFast(
+      tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+  tokenizer.save_pretrained(directory)
+  return tokenizer
+
+
+def random_records(num_records, *, num_neighbours, vocab_size, seed,
+                   max_block_tokens=12, num_answers=2, id_prefix="q"):
+  """Keyword arguments for `encode_example`, with random ids and scores."""
+  rng = np.random.default_rng(seed)
+  records = []
+  for index in range(num_records):
+    scores = np.sort(rng.normal(size=num_neighbours))[::-1]
+    records.append(dict(
+        example_id=f"{id_prefix}{index}",
+        question=f"question {index}",
+        question_ids=rng.integers(1, vocab_size, rng.integers(1, 8)).tolist(),
+        answer_ids=[rng.integers(1, vocab_size, rng.integers(1, 10)).tolist()
+                    for _ in range(num_answers)],
+        neighbour_block_ids=rng.choice(1000, num_neighbours,
+                                       replace=False).tolist(),
+        neighbour_scores=scores.tolist(),
+        neighbour_ids=[
+            rng.integers(1, vocab_size,
+                         rng.integers(1, max_block_tokens + 1)).tolist()
+            for _ in range(num_neighbours)],
+    ))
+  return records
+
+
+def write_cache(cache_dir, split_records, *, num_neighbours, vocab_size,
+                tokenizer_fingerprint="fixture", num_shards=2,
+                max_block_tokens=12, tokenizer_name="fixture"):
+  """Writes `{split: [encode_example kwargs]}` as a cache with its manifest."""
+  utils.makedirs(cache_dir)
+  splits = {}
+  for split, records in split_records.items():
+    names = [neighbour_cache.shard_name(split, i, num_shards)
+             for i in range(num_shards)]
+    for shard_index, name in enumerate(names):
+      serialized = [neighbour_cache.encode_example(**record)
+                    for record in records[shard_index::num_shards]]
+      tf_utils.write_tfrecords(os.path.join(cache_dir, name), serialized)
+    splits[split] = {"shards": names, "num_records": len(records)}
+  manifest = {
+      "format_version": neighbour_cache.FORMAT_VERSION,
+      "embedder_path": "fixture", "blocks_path": "fixture", "num_blocks": 1000,
+      "tokenizer": tokenizer_name, "vocab_size": vocab_size,
+      "tokenizer_fingerprint": tokenizer_fingerprint,
+      "search": {"kind": "exact"}, "num_neighbours": num_neighbours,
+      "max_block_tokens": max_block_tokens, "splits": splits,
+  }
+  utils.atomic_write_json(
+      os.path.join(cache_dir, neighbour_cache.MANIFEST_NAME), manifest)
+  return manifest
+

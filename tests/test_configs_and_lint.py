@@ -1,0 +1,157 @@
+"""json_to_args.py, the configs under configs/, check_flags.py, one-line errors."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+import check_flags
+import json_to_args
+import retrievers
+import utils
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, **kwargs):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+  return subprocess.run([sys.executable] + args, cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def _one_line_error(result):
+  assert result.returncode == utils.USER_ERROR_EXIT_CODE, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  return errors[0]
+
+
+def test_config_to_args_types():
+  config = {"model_key": "gpt2-xl", "use_helper_words": True,
+            "experimental_compile": False, "learning_rate": 5e-06,
+            "batch_size": 8, "devices": ["/gpu:0", "/gpu:1"], "tpu": None}
+  assert json_to_args.config_to_args(config) == [
+      "--model_key=gpt2-xl", "--use_helper_words", "--noexperimental_compile",
+      "--learning_rate=5e-06", "--batch_size=8", "--devices=/gpu:0,/gpu:1"]
+
+
+@pytest.mark.parametrize("value,message", [
+    ({"a": 1}, "nested objects cannot be flags"),
+    ([[1, 2]], "lists may hold only numbers and strings"),
+    ("two words", "contains white space"),
+    (["a,b"], "list items cannot contain commas"),
+])
+def test_config_to_args_refuses_non_flag_values(value, message):
+  with pytest.raises(utils.UserError, match=message) as error:
+    json_to_args.config_to_args({"thing": value}, "x.json")
+  assert "'thing'" in str(error.value)
+
+
+def test_cli_malformed_json_names_line_and_column(tmp_path):
+  path = tmp_path / "bad.json"
+  path.write_text('{\n  "a": 1,\n  "b": \n}\n')
+  line = _one_line_error(_run(["json_to_args.py", "--script=check_flags.py",
+                               str(path)]))
+  assert str(path) in line and "line 4, column 1" in line
+
+
+def test_cli_unknown_key_names_key_and_script(tmp_path):
+  script = tmp_path / "entry.py"
+  script.write_text(
+      "from absl import flags\n"
+      "_FLAG_RATE = flags.DEFINE_float('rate', 0.1, 'A rate.')\n")
+  config = tmp_path / "config.json"
+  config.write_text('{"rate": 0.5, "rates": 2}')
+  line = _one_line_error(_run(["json_to_args.py", f"--script={script}",
+                               str(config)]))
+  assert "key 'rates' matches no flag of entry.py" in line
+  config.write_text('{"rate": 0.5}')
+  result = _run(["json_to_args.py", f"--script={script}", str(config)])
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ["--rate=0.5"]
+
+
+def _configs_by_directory():
+  found = {}
+  for path in sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.json"))):
+    found.setdefault(os.path.basename(os.path.dirname(path)), []).append(path)
+  return found
+
+
+def test_every_flag_config_matches_its_script():
+  checked = 0
+  for directory, paths in _configs_by_directory().items():
+    if directory not in json_to_args.SCRIPT_FOR_CONFIG_DIR:
+      continue
+    result = _run(["json_to_args.py", "--check"] + paths)
+    assert result.returncode == 0, result.stderr[-2000:]
+    checked += len(paths)
+  # Which scripts have configs grows with the project; none may be unchecked.
+  flag_dirs = set(json_to_args.SCRIPT_FOR_CONFIG_DIR)
+  assert checked == sum(len(p) for d, p in _configs_by_directory().items()
+                        if d in flag_dirs)
+
+
+def test_every_config_directory_has_a_validator():
+  validators = set(json_to_args.SCRIPT_FOR_CONFIG_DIR) | {
+      "retriever_configs", "scann_configs"}
+  assert set(_configs_by_directory()) <= validators
+
+
+def test_retriever_configs_are_valid():
+  paths = _configs_by_directory()["retriever_configs"]
+  for path in paths:
+    config = retrievers.load_retriever_config(path)
+    assert config["num_block_records"] > 0
+
+
+def test_scann_configs_are_valid():
+  paths = _configs_by_directory()["scann_configs"]
+  assert paths, "ship at least the default ScaNN config"
+  for path in paths:
+    assert retrievers.load_scann_config(path)
+
+
+def test_check_flags_catches_a_planted_bad_use(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text(
+      "from absl import flags\n"
+      "_FLAG_STEPS = flags.DEFINE_integer('steps', 1, 'Steps.')\n"
+      "FLAG_NAME = flags.DEFINE_string(\n    'name', 'x', 'Name.')\n"
+      "flags.mark_flag_as_required(FLAG_NAME)\n"
+      "# _FLAG_STEPS in a comment is fine\n"
+      "def f():\n"
+      "  text = '_FLAG_STEPS in a string is fine'\n"
+      "  return _FLAG_STEPS.value + len(FLAG_NAME.value)\n"
+      "def g():\n"
+      "  return _FLAG_STEPS + 1, FLAG_NAME.name\n")
+  offences = check_flags.offences_in_source(bad.read_text(), "bad.py")
+  assert offences == [("bad.py", 11, "_FLAG_STEPS used without .value"),
+                      ("bad.py", 11, "FLAG_NAME used without .value")]
+  result = _run(["check_flags.py", str(tmp_path)])
+  assert result.returncode == 1
+  assert f"{bad}:11: _FLAG_STEPS used without .value" in result.stdout
+
+
+def test_check_flags_passes_on_the_repository():
+  result = _run(["check_flags.py", "."])
+  assert result.returncode == 0, result.stdout
+
+
+_STRATEGY_ENTRY = ("import utils, tf_utils; "
+                   "utils.run(lambda argv: print(tf_utils.strategy_from_flags()))")
+
+
+@pytest.mark.parametrize("flag,expected", [
+    ("--distribute_mode=TPUStrategy",
+     "--distribute_mode=TPUStrategy: no TPU reachable"),
+    ("--distribute_mode=GPUStrategy",
+     "--distribute_mode='GPUStrategy' is not one of OneDeviceStrategy"),
+    ("--devices=/gpu:3", "device '/gpu:3' not found; this host has"),
+])
+def test_strategy_flags_bad_input_is_one_line(flag, expected):
+  line = _one_line_error(_run(["-c", _STRATEGY_ENTRY, flag]))
+  assert expected in line
