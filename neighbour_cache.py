@@ -27,6 +27,8 @@ The manifest (written last, so a directory without it is not a finished cache):
    "splits": {"train": {"shards": [names], "num_records": int}, ...}}
 """
 
+import hashlib
+import json
 import os
 
 import tensorflow as tf
@@ -87,8 +89,10 @@ def encode_example(*, example_id, question, question_ids, answer_ids,
       "neighbour_ids": _int64s(i for block in neighbour_ids for i in block),
       "neighbour_lengths": _int64s(len(block) for block in neighbour_ids),
   }
+  # Deterministic: map fields in key order, so that the same record is always
+  # the same bytes (a resumed cache equals an uninterrupted one).
   return tf.train.Example(features=tf.train.Features(
-      feature=features)).SerializeToString()
+      feature=features)).SerializeToString(deterministic=True)
 
 
 def parse_example(serialized):
@@ -157,3 +161,18 @@ def split_files(cache_dir, manifest, split):
   """Paths of a split's shards, in order."""
   return [os.path.join(cache_dir, name)
           for name in manifest["splits"][split]["shards"]]
+
+
+def tokenizer_fingerprint(tokenizer):
+  """A stable hash of a GPT-2 tokenizer's vocabulary and merges.
+
+  Two tokenizers with the same fingerprint turn text into the same ids, so a
+  cache made with one can be read by a model trained with the other.
+  """
+  model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+  # tokenizers writes a merge as "a b" in older versions, ["a", "b"] in newer.
+  merges = [merge.split(" ", 1) if isinstance(merge, str) else list(merge)
+            for merge in model.get("merges", [])]
+  content = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()),
+                        "merges": merges}, ensure_ascii=True)
+  return hashlib.sha256(content.encode("utf-8")).hexdigest()

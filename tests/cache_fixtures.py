@@ -45,25 +45,36 @@ def write_tokenizer(directory, vocab_size=300):
 
 
 def random_records(num_records, *, num_neighbours, vocab_size, seed,
-                   max_block_tokens=12, num_answers=2, id_prefix="q"):
-  """Keyword arguments for `encode_example`, with random ids and scores."""
+                   max_block_tokens=12, num_answers=2, id_prefix="q",
+                   answer_from_top_neighbour=False):
+  """Keyword arguments for `encode_example`, with random ids and scores.
+
+  With `answer_from_top_neighbour`, ids come from a small part of the
+  vocabulary and each answer is the start of the best neighbour: a model can
+  lower its answer loss by learning the unigrams, and more by copying.
+  """
   rng = np.random.default_rng(seed)
+  top_id = min(vocab_size, 40) if answer_from_top_neighbour else vocab_size
   records = []
   for index in range(num_records):
     scores = np.sort(rng.normal(size=num_neighbours))[::-1]
+    neighbour_ids = [
+        rng.integers(1, top_id, rng.integers(1, max_block_tokens + 1)).tolist()
+        for _ in range(num_neighbours)]
+    if answer_from_top_neighbour:
+      answer_ids = [neighbour_ids[0][:6]] * num_answers
+    else:
+      answer_ids = [rng.integers(1, vocab_size, rng.integers(1, 10)).tolist()
+                    for _ in range(num_answers)]
     records.append(dict(
         example_id=f"{id_prefix}{index}",
         question=f"question {index}",
-        question_ids=rng.integers(1, vocab_size, rng.integers(1, 8)).tolist(),
-        answer_ids=[rng.integers(1, vocab_size, rng.integers(1, 10)).tolist()
-                    for _ in range(num_answers)],
+        question_ids=rng.integers(1, top_id, rng.integers(1, 8)).tolist(),
+        answer_ids=answer_ids,
         neighbour_block_ids=rng.choice(1000, num_neighbours,
                                        replace=False).tolist(),
         neighbour_scores=scores.tolist(),
-        neighbour_ids=[
-            rng.integers(1, vocab_size,
-                         rng.integers(1, max_block_tokens + 1)).tolist()
-            for _ in range(num_neighbours)],
+        neighbour_ids=neighbour_ids,
     ))
   return records
 
@@ -94,3 +105,39 @@ def write_cache(cache_dir, split_records, *, num_neighbours, vocab_size,
       os.path.join(cache_dir, neighbour_cache.MANIFEST_NAME), manifest)
   return manifest
 
+
+
+def write_training_world(root, *, num_train=48, num_validation=12,
+                         num_neighbours=4, n_positions=64, num_shards=2,
+                         dropout=0.0):
+  """A tokenizer, a fresh tiny GPT-2 config and a learnable cache under root.
+
+  Returns {"tokenizer": dir, "model": dir (config.json only), "cache": dir}.
+  """
+  root = str(root)
+  paths = {name: os.path.join(root, name)
+           for name in ("tokenizer", "model", "cache")}
+  tokenizer = write_tokenizer(paths["tokenizer"])
+  utils.makedirs(paths["model"])
+  config = transformers.GPT2Config(
+      vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32,
+      n_layer=2, n_head=2, resid_pdrop=dropout, embd_pdrop=dropout,
+      attn_pdrop=dropout,
+      bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+  utils.atomic_write_text(os.path.join(paths["model"], "config.json"),
+                          config.to_json_string())
+  records = {
+      "train": random_records(num_train, num_neighbours=num_neighbours,
+                              vocab_size=len(tokenizer), seed=0,
+                              answer_from_top_neighbour=True),
+      "validation": random_records(num_validation,
+                                   num_neighbours=num_neighbours,
+                                   vocab_size=len(tokenizer), seed=1,
+                                   id_prefix="v",
+                                   answer_from_top_neighbour=True),
+  }
+  write_cache(paths["cache"], records, num_neighbours=num_neighbours,
+              vocab_size=len(tokenizer), num_shards=num_shards,
+              tokenizer_fingerprint=neighbour_cache.tokenizer_fingerprint(
+                  tokenizer))
+  return paths

@@ -3,6 +3,7 @@
 import itertools
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import retrievers
@@ -24,15 +25,16 @@ def plackett_luce_probabilities(scores, temperature, num_samples):
   return probabilities
 
 
-def draw_many(scores, num_samples, temperature, bank_size=None):
-  """NUM_DRAWS draws, one per seed (run seed 7, epoch 0, ids 0..n-1)."""
+def draw_many(scores, num_samples, temperature, bank_size=None,
+              num_draws=NUM_DRAWS):
+  """`num_draws` draws, one per seed (run seed 7, epoch 0, ids 0..n-1)."""
 
   def draw(index):
     seed = retrievers.example_seed(7, 0, tf.strings.as_string(index))
     return retrievers.sample_neighbours(scores, num_samples, temperature, seed,
                                         bank_size=bank_size)
 
-  dataset = tf.data.Dataset.range(NUM_DRAWS).map(
+  dataset = tf.data.Dataset.range(num_draws).map(
       draw, num_parallel_calls=tf.data.AUTOTUNE).batch(10_000)
   return np.concatenate([batch.numpy() for batch in dataset])
 
@@ -73,28 +75,33 @@ def test_chi_square_p_value_is_the_chi_square_tail():
   assert abs(tail(23.209, 10) - 0.01) < 1e-4
 
 
-def test_draws_follow_plackett_luce():
-  scores = [2.0, 1.5, 1.0, 0.2, -0.5]
-  draws = draw_many(scores, num_samples=3, temperature=0.7)
-  assert draws.shape == (NUM_DRAWS, 3)
-  check_against_plackett_luce(draws, scores, 0.7, 3)
+SCORES = [2.0, 1.5, 1.0, 0.2, -0.5]
+
+
+@pytest.fixture(scope="module")
+def draws_at_0_7():
+  return draw_many(SCORES, num_samples=3, temperature=0.7)
+
+
+def test_draws_follow_plackett_luce(draws_at_0_7):
+  assert draws_at_0_7.shape == (NUM_DRAWS, 3)
+  check_against_plackett_luce(draws_at_0_7, SCORES, 0.7, 3)
 
 
 def test_bank_size_restricts_the_draw_to_the_best():
   scores = [1.0, 0.9, 0.3, 0.2, 5.0]
-  draws = draw_many(scores, num_samples=2, temperature=1.0, bank_size=4)
+  draws = draw_many(scores, num_samples=2, temperature=1.0, bank_size=4,
+                    num_draws=20_000)
   assert draws.max() < 4
   check_against_plackett_luce(draws, scores[:4], 1.0, 2)
 
 
-def test_a_wrong_law_is_rejected():
+def test_a_wrong_law_is_rejected(draws_at_0_7):
   """The test has power: the draws do not fit another temperature."""
-  scores = [2.0, 1.5, 1.0, 0.2, -0.5]
-  draws = draw_many(scores, num_samples=3, temperature=0.7)
-  probabilities = plackett_luce_probabilities(scores, 0.9, 3)
+  probabilities = plackett_luce_probabilities(SCORES, 0.9, 3)
   tuples = list(probabilities)
   index = {draw: i for i, draw in enumerate(tuples)}
-  observed = np.bincount([index[tuple(d)] for d in draws.tolist()],
+  observed = np.bincount([index[tuple(d)] for d in draws_at_0_7.tolist()],
                          minlength=len(tuples)).astype(np.float64)
   expected = np.array([probabilities[t] for t in tuples]) * NUM_DRAWS
   p_value, _ = chi_square_p_value(observed, expected)

@@ -1,0 +1,485 @@
+"""KILT ELI5 for a causal LM: tokenizer, sequence layout and loss mask, input pipeline, model and loss.
+
+One example is laid out as
+
+  Question: {q} Context: {c1} Context: {c2} ... Answer: {a}<|endoftext|>
+
+(helper words optional; one `Context:` before each context or one before all),
+right-padded to a fixed length so every batch has the same shape (XLA, TPU).
+The labels are the answer tokens and the final EOS; the loss is summed over
+them and divided by their number in the GLOBAL batch (`tf_utils.make_train_step`).
+
+Budget, in tokens, for a sequence of `sequence_length`: the question is cut to
+`max_question_tokens`; `max_answer_tokens` + 1 (EOS) are reserved for the
+answer whatever its length (so the prompt of an example does not depend on its
+answer, as at generation time); each context is cut to `max_context_tokens`;
+the contexts, in the order drawn, fill what is left, the last one possibly cut.
+
+Contexts are drawn per example from the cached neighbours by
+`retrievers.sample_neighbours` with a seed from (run seed, epoch, example id,
+answer index), so a resumed run sees the contexts an uninterrupted one would.
+Knows nothing about strategies: the pipeline takes a `tf.distribute.InputContext`.
+"""
+
+import dataclasses
+import os
+
+import tensorflow as tf
+import transformers
+
+import modeling_tf_gpt2_model_par
+import neighbour_cache
+import retrievers
+import utils
+
+APPROACHES = ("naked_lm", "cached_pretok", "random_context")
+CONTEXT_HELPER_MODES = ("each", "once")
+QUESTION_HELPER = "Question:"
+CONTEXT_HELPER = " Context:"
+ANSWER_HELPER = " Answer:"
+# Files read at once when interleaving shards; fixed (not AUTOTUNE) because
+# the order of the records depends on it, and runs must be reproducible.
+_INTERLEAVE_CYCLE = 4
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer and layout
+# ---------------------------------------------------------------------------
+
+
+def load_tokenizer(key_or_dir):
+  """The GPT-2 tokenizer at a hub key or in a local directory."""
+  try:
+    return transformers.GPT2TokenizerFast.from_pretrained(key_or_dir)
+  except (OSError, ValueError) as error:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    raise utils.UserError(
+        f"tokenizer {key_or_dir!r}: cannot be loaded as a GPT2TokenizerFast "
+        f"({reason[:200]})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one example becomes a fixed-length sequence (see the module doc)."""
+  sequence_length: int
+  max_question_tokens: int
+  max_answer_tokens: int
+  max_context_tokens: int
+  eos_id: int
+  question_helper: tuple = ()
+  context_helper: tuple = ()
+  answer_helper: tuple = ()
+  context_helper_mode: str = "each"
+
+  @property
+  def fixed_tokens(self):
+    """Tokens of the longest question, the answer reserve and their helpers."""
+    return (len(self.question_helper) + self.max_question_tokens +
+            len(self.answer_helper) + self.max_answer_tokens + 1)
+
+
+def make_layout(tokenizer, *, sequence_length, max_question_tokens,
+                max_answer_tokens, max_context_tokens, use_helper_words=True,
+                context_helper_mode="each"):
+  """A checked `Layout`; the budget must leave room for the fixed parts."""
+  if context_helper_mode not in CONTEXT_HELPER_MODES:
+    raise utils.UserError(
+        f"--context_helper_mode={context_helper_mode!r}: expected one of "
+        f"{', '.join(CONTEXT_HELPER_MODES)}")
+  for name, value in (("max_question_tokens", max_question_tokens),
+                      ("max_answer_tokens", max_answer_tokens),
+                      ("max_context_tokens", max_context_tokens)):
+    if value < 1:
+      raise utils.UserError(f"--{name}={value}: must be >= 1")
+
+  def ids(text):
+    return tuple(tokenizer.encode(text)) if use_helper_words else ()
+
+  layout = Layout(
+      sequence_length=sequence_length,
+      max_question_tokens=max_question_tokens,
+      max_answer_tokens=max_answer_tokens,
+      max_context_tokens=max_context_tokens,
+      eos_id=tokenizer.eos_token_id,
+      question_helper=ids(QUESTION_HELPER),
+      context_helper=ids(CONTEXT_HELPER),
+      answer_helper=ids(ANSWER_HELPER),
+      context_helper_mode=context_helper_mode)
+  if layout.fixed_tokens > sequence_length:
+    raise utils.UserError(
+        f"budget: --max_question_tokens={max_question_tokens} + "
+        f"--max_answer_tokens={max_answer_tokens} + EOS + helper words "
+        f"({layout.fixed_tokens} tokens) exceed the sequence length "
+        f"{sequence_length}")
+  return layout
+
+
+def fit_contexts(contexts, budget, layout):
+  """The contexts, each cut to `max_context_tokens`, that fit in `budget`.
+
+  Args:
+    contexts: int32 ragged [k, None], the GPT-2 ids of the contexts, in the
+      order drawn.
+    budget: int32 scalar, tokens available for contexts and their helpers.
+    layout: a `Layout`.
+
+  Returns:
+    (ids, kept): int32 [n] the helper words and context ids that fit, and
+    int64 [k] how many tokens of each context's slot (helper + ids) were kept.
+    A slot is dropped when only its helper words would fit.
+  """
+  contexts = contexts[:, :layout.max_context_tokens]
+  num_contexts = contexts.nrows(out_type=tf.int32)
+  helper = tf.constant(layout.context_helper, tf.int32, [len(
+      layout.context_helper)])
+  if layout.context_helper_mode == "each":
+    helpers_before = tf.ones([num_contexts], tf.int32)
+  else:
+    helpers_before = tf.one_hot(0, num_contexts, dtype=tf.int32)
+  helpers = tf.RaggedTensor.from_row_lengths(
+      tf.tile(helper, [tf.reduce_sum(helpers_before)]),
+      tf.cast(helpers_before * tf.size(helper), tf.int64))
+  slots = tf.concat([helpers, tf.cast(contexts, tf.int32)], axis=1)
+  lengths = slots.row_lengths()
+  starts = tf.cumsum(lengths, exclusive=True)
+  kept = tf.clip_by_value(tf.cast(budget, tf.int64) - starts, 0, lengths)
+  kept = tf.where(kept > helpers.row_lengths(), kept, 0)
+  dense = slots.to_tensor()
+  ids = tf.boolean_mask(dense, tf.sequence_mask(kept, tf.shape(dense)[1]))
+  return ids, kept
+
+
+def prompt_and_kept(question_ids, contexts, layout):
+  """The prompt and how much of each context it holds.
+
+  Returns:
+    (ids, kept): int32 [n], `Question: q Context: c… Answer:`, the ids that
+    precede the answer; int64 [k], the tokens of each context's slot (helper
+    + ids) in the prompt, 0 for a context dropped for lack of room (what
+    generation reports as provenance).
+  """
+  question = question_ids[:layout.max_question_tokens]
+  budget = layout.sequence_length - layout.fixed_tokens - (
+      tf.size(question) - layout.max_question_tokens)
+  context_ids, kept = fit_contexts(contexts, budget, layout)
+  return tf.concat([
+      tf.constant(layout.question_helper, tf.int32,
+                  [len(layout.question_helper)]),
+      question, context_ids,
+      tf.constant(layout.answer_helper, tf.int32, [len(layout.answer_helper)]),
+  ], axis=0), kept
+
+
+def prompt_ids(question_ids, contexts, layout):
+  """`Question: q Context: c… Answer:`: the ids that precede the answer."""
+  return prompt_and_kept(question_ids, contexts, layout)[0]
+
+
+def lay_out_example(question_ids, contexts, answer_ids, layout):
+  """One training/evaluation sequence, padded to `layout.sequence_length`.
+
+  Returns:
+    A dict of int32 [sequence_length] tensors: `input_ids` (padded with EOS),
+    `attention_mask` (1 on real tokens), `label_mask` (1 on the answer tokens
+    and the final EOS: the positions the loss is computed on).
+  """
+  prompt = prompt_ids(question_ids, contexts, layout)
+  answer = tf.concat([answer_ids[:layout.max_answer_tokens],
+                      [layout.eos_id]], axis=0)
+  ids = tf.concat([prompt, answer], axis=0)
+  length = tf.size(ids)
+  padding = layout.sequence_length - length
+  positions = tf.range(layout.sequence_length)
+  features = {
+      "input_ids": tf.pad(ids, [[0, padding]], constant_values=layout.eos_id),
+      "attention_mask": tf.cast(positions < length, tf.int32),
+      "label_mask": tf.cast((positions >= tf.size(prompt)) &
+                            (positions < length), tf.int32),
+  }
+  for tensor in features.values():
+    tensor.set_shape([layout.sequence_length])
+  return features
+
+
+# ---------------------------------------------------------------------------
+# Contexts
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What the pipeline feeds the model, beyond the layout."""
+  approach: str
+  num_retrievals: int = 0
+  # 0 keeps the top `num_retrievals` by score.
+  retrieval_temperature: float = 1.0
+  # 0 or None: every cached neighbour is eligible.
+  retrieval_bank_size: int = 0
+  every_answer: bool = False
+  seed: int = 0
+  shuffle_buffer_size: int = 1000
+
+
+def check_data_config(config, manifest, cache_dir):
+  """A UserError for a config the cache cannot serve."""
+  if config.approach not in APPROACHES:
+    raise utils.UserError(
+        f"--approach_type={config.approach!r}: expected one of "
+        f"{', '.join(APPROACHES)}")
+  if config.approach == "naked_lm":
+    return
+  if config.num_retrievals < 1:
+    raise utils.UserError(
+        f"--num_retrievals={config.num_retrievals}: {config.approach} needs "
+        ">= 1 context")
+  if config.retrieval_temperature < 0:
+    raise utils.UserError(
+        f"retrieval temperature {config.retrieval_temperature}: must be >= 0")
+  neighbour_cache.check_manifest(manifest, cache_dir,
+                                 num_neighbours=config.num_retrievals)
+  bank_size = config.retrieval_bank_size
+  if bank_size and not (config.num_retrievals <= bank_size <=
+                        manifest["num_neighbours"]):
+    raise utils.UserError(
+        f"--retrieval_bank_size={bank_size}: must be between --num_retrievals="
+        f"{config.num_retrievals} and the {manifest['num_neighbours']} "
+        "neighbours cached per question")
+
+
+def select_contexts(neighbours, neighbour_scores, seed, config):
+  """Ragged [k, None] ids of the `num_retrievals` contexts drawn for one example."""
+  indices = retrievers.sample_neighbours(
+      neighbour_scores, config.num_retrievals, config.retrieval_temperature,
+      seed, bank_size=config.retrieval_bank_size or None)
+  return tf.gather(neighbours, indices)
+
+
+def no_contexts():
+  return tf.RaggedTensor.from_row_lengths(
+      tf.zeros([0], tf.int32), tf.zeros([0], tf.int64))
+
+
+# ---------------------------------------------------------------------------
+# The input pipeline
+# ---------------------------------------------------------------------------
+
+
+def _serialized_records(files, config, *, training, input_context):
+  """(epoch, serialized record) pairs: this pipeline's share of the shards.
+
+  Shards go to input pipelines (workers) by file when there are at least as
+  many files as pipelines, otherwise by record. Training repeats forever,
+  reading the files in a new seeded order every epoch, through a seeded
+  shuffle buffer (which mixes the end of an epoch with the next one's start).
+  Only stateless or seeded randomness: the iterator can be checkpointed.
+  """
+  num_pipelines = input_context.num_input_pipelines if input_context else 1
+  pipeline_id = input_context.input_pipeline_id if input_context else 0
+  by_file = num_pipelines > 1 and len(files) >= num_pipelines
+  by_record = num_pipelines > 1 and not by_file
+  if by_file:
+    files = files[pipeline_id::num_pipelines]
+  files = tf.constant(files)
+
+  def one_epoch(epoch):
+    file_names = files
+    if training:
+      order = tf.argsort(tf.random.stateless_uniform(
+          tf.shape(files), tf.stack([tf.cast(config.seed, tf.int64), epoch])))
+      file_names = tf.gather(files, order)
+    records = tf.data.Dataset.from_tensor_slices(file_names).interleave(
+        tf.data.TFRecordDataset, cycle_length=_INTERLEAVE_CYCLE,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if by_record:
+      records = records.shard(num_pipelines, pipeline_id)
+    return records.map(lambda record: (epoch, record))
+
+  if not training:
+    return one_epoch(tf.constant(0, tf.int64))
+  # One pass over an endless stream: reshuffling per iteration would only
+  # make the random-context partner stream differ from the main one.
+  return tf.data.Dataset.counter().flat_map(one_epoch).shuffle(
+      config.shuffle_buffer_size, seed=config.seed,
+      reshuffle_each_iteration=False)
+
+
+def _with_random_partners(examples, *, training):
+  """Gives each example the neighbours of the next question in the stream.
+
+  The stream is in a seeded random order when training; evaluation pairs each
+  question with the next one in the file order, and the last with the first,
+  so no question is ever paired with itself.
+  """
+  partners = examples.skip(1)
+  if not training:
+    partners = partners.concatenate(examples.take(1))
+
+  def swap(own, partner):
+    epoch, example = own
+    example = dict(example)
+    example["neighbours"] = partner[1]["neighbours"]
+    example["neighbour_scores"] = partner[1]["neighbour_scores"]
+    return epoch, example
+
+  return tf.data.Dataset.zip(examples, partners).map(
+      swap, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _answer_examples(examples, every_answer):
+  """(epoch, answer index, example): one per answer, or the first answer only."""
+  if every_answer:
+    return examples.flat_map(
+        lambda epoch, example: tf.data.Dataset.from_tensors(
+            (epoch, example)).repeat(example["answers"].nrows()).enumerate()
+    ).map(lambda index, pair: (pair[0], index, pair[1]))
+  return examples.filter(
+      lambda epoch, example: example["answers"].nrows() > 0).map(
+          lambda epoch, example: (epoch, tf.constant(0, tf.int64), example))
+
+
+def make_example_fn(config, layout):
+  """(epoch, answer index, parsed example) -> laid-out features."""
+
+  # Plain tensor code with no data-dependent Python control flow: AutoGraph
+  # has nothing to convert, and reading sources mid-edit cannot break it.
+  @tf.autograph.experimental.do_not_convert
+  def example_fn(epoch, answer_index, example):
+    seed = tf.random.experimental.stateless_fold_in(
+        retrievers.example_seed(config.seed, epoch, example["id"]),
+        answer_index)
+    if config.approach == "naked_lm":
+      contexts = no_contexts()
+    else:
+      contexts = select_contexts(example["neighbours"],
+                                 example["neighbour_scores"], seed, config)
+    features = lay_out_example(example["question_ids"], contexts,
+                               example["answers"][answer_index], layout)
+    features["dropout_seed"] = tf.random.experimental.stateless_fold_in(
+        seed, 1)
+    return features
+
+  return example_fn
+
+
+def _pad_batch(features, batch_size):
+  """Pads a short batch (axis 0) with rows that carry no label (fixed shapes).
+
+  Padding rows attend to their (EOS) tokens, so no row is fully masked.
+  """
+  padding = batch_size - tf.shape(features["input_ids"])[0]
+  padded = {}
+  for name, tensor in features.items():
+    value = 1 if name == "attention_mask" else 0
+    padded[name] = tf.pad(tensor, [[0, padding]] + [[0, 0]] * (
+        tensor.shape.rank - 1), constant_values=value)
+    padded[name].set_shape([batch_size] + tensor.shape[1:])
+  return padded
+
+
+def make_dataset(files, config, layout, *, batch_size, training,
+                 input_context=None, batches_multiple=1):
+  """Batches of laid-out examples from cache shards.
+
+  Args:
+    files: the split's shard paths (`neighbour_cache.split_files`).
+    config: a `DataConfig`.
+    layout: a `Layout`.
+    batch_size: examples per batch yielded by this pipeline (per replica
+      under `distribute_datasets_from_function`).
+    training: repeat forever in a seeded order per epoch, drop the last
+      partial batch; otherwise one pass in file order, the last batch padded
+      with label-free rows.
+    input_context: a `tf.distribute.InputContext`, to read this worker's share.
+    batches_multiple: evaluation only: the number of batches is padded with
+      label-free batches to a multiple of this (the replicas fed by this
+      pipeline), so every replica gets a batch at every step.
+
+  Returns:
+    A tf.data.Dataset of dicts: int32 [batch_size, sequence_length]
+    `input_ids`, `attention_mask`, `label_mask`, and int64 [batch_size, 2]
+    `dropout_seed` (stateless, per example).
+  """
+  records = _serialized_records(files, config, training=training,
+                                input_context=input_context)
+  examples = records.map(
+      lambda epoch, record: (epoch, neighbour_cache.parse_example(record)),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  if config.approach == "random_context":
+    examples = _with_random_partners(examples, training=training)
+  examples = _answer_examples(examples, config.every_answer)
+  features = examples.map(make_example_fn(config, layout),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+  if training:
+    batches = features.batch(batch_size, drop_remainder=True)
+  else:
+    batches = features.batch(batch_size).map(
+        lambda batch: _pad_batch(batch, batch_size))
+    if batches_multiple > 1:
+      batches = batches.batch(batches_multiple).map(
+          lambda group: _pad_batch(group, batches_multiple)).unbatch()
+  options = tf.data.Options()
+  options.deterministic = True
+  # Sharding is done above, by file or by record, per input pipeline.
+  options.experimental_distribute.auto_shard_policy = (
+      tf.data.experimental.AutoShardPolicy.OFF)
+  return batches.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def format_sample(tokenizer, features):
+  """A laid-out example as text, the parts without loss in ⟦ ⟧ (for logs)."""
+  length = int(sum(features["attention_mask"]))
+  ids = list(features["input_ids"][:length])
+  labels = list(features["label_mask"][:length])
+  pieces, start = [], 0
+  for position in range(1, length + 1):
+    if position == length or labels[position] != labels[start]:
+      text = tokenizer.decode(ids[start:position])
+      pieces.append(text if labels[start] else f"⟦{text}⟧")
+      start = position
+  return "".join(pieces)
+
+
+# ---------------------------------------------------------------------------
+# Model and loss
+# ---------------------------------------------------------------------------
+
+_CONFIG_NAME = "config.json"
+_WEIGHT_NAMES = ("model.safetensors", "tf_model.h5", "pytorch_model.bin")
+
+
+def load_model(model_key, *, devices=None, dtype=None, seed=0):
+  """GPT-2 from a hub key or checkpoint directory.
+
+  A directory holding a `config.json` and no weights means a freshly
+  initialised model of that config (deterministic in `seed`).
+  """
+  config_path = os.path.join(model_key, _CONFIG_NAME)
+  if tf.io.gfile.isdir(model_key) and tf.io.gfile.exists(config_path) and (
+      not any(tf.io.gfile.exists(os.path.join(model_key, name))
+              for name in _WEIGHT_NAMES)):
+    config = transformers.GPT2Config.from_dict(
+        utils.read_json(config_path, "GPT-2 config"))
+    return modeling_tf_gpt2_model_par.GPT2LMHeadModel.from_config(
+        config, devices=devices, dtype=dtype, seed=seed)
+  return modeling_tf_gpt2_model_par.GPT2LMHeadModel.from_pretrained(
+      model_key, devices=devices, dtype=dtype)
+
+
+def answer_loss_sum(model, batch, *, training=False):
+  """(sum of the answer tokens' cross-entropy, number of answer tokens).
+
+  The logits at position t predict token t + 1, so a label at position t + 1
+  is scored by the logits at t. Dropout, when training, is stateless in the
+  first example's seed.
+  """
+  logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                 training=training,
+                 dropout_seed=batch["dropout_seed"][0] if training else None)
+  targets = batch["input_ids"][:, 1:]
+  scored = batch["label_mask"][:, 1:] > 0
+  losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
+      labels=targets, logits=logits[:, :-1])
+  # tf.where, not a product: a non-finite loss on a padded position must not
+  # leak into the sum.
+  loss_sum = tf.reduce_sum(tf.where(scored, losses, 0.0))
+  return loss_sum, tf.reduce_sum(tf.cast(scored, tf.float32))

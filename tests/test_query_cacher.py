@@ -1,0 +1,269 @@
+"""query_cacher_tfrecord.py end to end on a tiny demo world, always as a subprocess.
+
+The script is run the way users run it (its flags would also clash with other
+entry scripts' flags in one test process). The cache is checked against a
+NumPy brute force computed independently of `retrievers.py`, a SIGKILLed run
+is resumed and compared byte for byte with an uninterrupted one, and bad
+inputs end with one line.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import transformers
+
+import neighbour_cache
+import retrieval_fixtures
+from util_scripts import make_demo_data
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHER = os.path.join(REPO_ROOT, "query_cacher_tfrecord.py")
+NUM_NEIGHBOURS = 8
+MAX_BLOCK_TOKENS = 24
+# Small batches and several shards, so that a kill lands between shards.
+CACHE_FLAGS = (f"--num_neighbours={NUM_NEIGHBOURS}", "--num_shards=4",
+               "--batch_size=4", f"--max_block_tokens={MAX_BLOCK_TOKENS}")
+
+
+@pytest.fixture(name="world", scope="module")
+def fixture_world(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp("world"))
+  return make_demo_data.build_world(
+      directory, num_train=160, num_validation=12, num_test=6,
+      num_distractor_blocks=150, gpt2_vocab_size=300)
+
+
+def cacher_command(world, output_dir, *extra_flags, dataset_root=None):
+  paths = world["paths"]
+  return [sys.executable, CACHER,
+          f"--retriever_config_path={paths['retriever_config']}",
+          f"--dataset_root={dataset_root or paths['kilt_dir']}",
+          f"--output_dir={output_dir}", f"--tokenizer={paths['tokenizer']}",
+          *CACHE_FLAGS, *extra_flags]
+
+
+def run_cacher(world, output_dir, *extra_flags, dataset_root=None):
+  return subprocess.run(
+      cacher_command(world, output_dir, *extra_flags,
+                     dataset_root=dataset_root),
+      capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), check=False)
+
+
+@pytest.fixture(name="cache_dir", scope="module")
+def fixture_cache_dir(world, tmp_path_factory):
+  """An uninterrupted run."""
+  output_dir = str(tmp_path_factory.mktemp("cache"))
+  result = run_cacher(world, output_dir)
+  assert result.returncode == 0, result.stderr
+  return output_dir
+
+
+def read_split(cache_dir, split):
+  manifest = neighbour_cache.read_manifest(cache_dir)
+  dataset = tf.data.TFRecordDataset(
+      neighbour_cache.split_files(cache_dir, manifest, split)).map(
+          neighbour_cache.parse_example)
+  return [{name: value.to_list() if isinstance(value, tf.RaggedTensor)
+           else value.numpy() for name, value in record.items()}
+          for record in dataset]
+
+
+def kilt_records(world, split):
+  path = os.path.join(world["paths"]["kilt_dir"],
+                      make_demo_data.SPLIT_FILES[split])
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def brute_force_neighbours(world, questions):
+  """Top neighbours by NumPy, from the embedder's own signature and wordpieces."""
+  embedder_dir = world["paths"]["embedder"]
+  embedder = tf.saved_model.load(embedder_dir)
+  wordpieces = make_demo_data.load_wordpiece_tokenizer(
+      os.path.join(embedder_dir, "assets", "vocab.txt"))
+  features = make_demo_data.query_features(wordpieces, questions)
+  queries = embedder.signatures["projected"](
+      **{name: tf.constant(value) for name, value in features.items()}
+  )["default"].numpy()
+  block_emb = tf.train.load_variable(
+      os.path.join(embedder_dir, "encoded", "encoded.ckpt"), "block_emb")
+  return retrieval_fixtures.brute_force_top_k(queries, block_emb,
+                                              NUM_NEIGHBOURS)
+
+
+def directory_contents(directory):
+  contents = {}
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), "rb") as f:
+      contents[name] = f.read()
+  return contents
+
+
+def test_cache_holds_every_question_with_brute_force_neighbours(world,
+                                                                cache_dir):
+  tokenizer = transformers.GPT2TokenizerFast.from_pretrained(
+      world["paths"]["tokenizer"])
+  block_texts = [record.decode("utf-8") for record in
+                 tf.data.TFRecordDataset(world["paths"]["blocks"])
+                 .as_numpy_iterator()]
+  manifest = neighbour_cache.read_manifest(cache_dir)
+  assert manifest["num_neighbours"] == NUM_NEIGHBOURS
+  assert manifest["num_blocks"] == world["num_blocks"]
+  assert manifest["search"] == {"kind": "exact"}
+  assert manifest["tokenizer_fingerprint"] == (
+      neighbour_cache.tokenizer_fingerprint(tokenizer))
+  assert sorted(os.listdir(cache_dir)) == sorted(
+      [neighbour_cache.MANIFEST_NAME] +
+      [name for split in manifest["splits"].values()
+       for name in split["shards"]])
+  for split in neighbour_cache.SPLITS:
+    records = read_split(cache_dir, split)
+    kilt = kilt_records(world, split)
+    # Every question once, in file order: no duplicate, none missing.
+    assert [r["id"].decode() for r in records] == [k["id"] for k in kilt]
+    assert manifest["splits"][split]["num_records"] == len(kilt)
+    questions = [k["input"] for k in kilt]
+    expected_scores, expected_ids = brute_force_neighbours(world, questions)
+    for record, kilt_record, scores, block_ids in zip(
+        records, kilt, expected_scores, expected_ids):
+      np.testing.assert_array_equal(record["neighbour_block_ids"], block_ids)
+      np.testing.assert_allclose(record["neighbour_scores"], scores,
+                                 rtol=1e-5, atol=1e-5)
+      assert record["question"].decode() == kilt_record["input"]
+      # Tokenized as they follow a helper word: with a leading space.
+      assert record["question_ids"].tolist() == tokenizer(
+          " " + kilt_record["input"])["input_ids"]
+      answers = [output["answer"] for output in kilt_record.get("output", [])
+                 if "answer" in output]
+      assert record["answers"] == [
+          tokenizer(" " + answer)["input_ids"] for answer in answers]
+      assert record["neighbours"] == [
+          tokenizer(" " + block_texts[i])["input_ids"][:MAX_BLOCK_TOKENS]
+          for i in block_ids]
+    if split == "test":
+      assert all(r["answers"] == [] for r in records)
+
+
+@pytest.mark.slow  # Three runs of the script; acceptance of resumability.
+def test_killed_run_resumes_to_the_uninterrupted_cache(world, cache_dir,
+                                                       tmp_path):
+  output_dir = str(tmp_path / "cache")
+  first_shard = os.path.join(output_dir, "train-00000-of-00004.tfrecord")
+  process = subprocess.Popen(
+      cacher_command(world, output_dir), cwd=REPO_ROOT,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  deadline = time.time() + 240
+  while not os.path.exists(first_shard) and process.poll() is None:
+    assert time.time() < deadline, "the first shard never appeared"
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL, "finished before the kill"
+  left = os.listdir(output_dir)
+  assert neighbour_cache.MANIFEST_NAME not in left
+  assert "manifest.pending.json" in left
+
+  result = run_cacher(world, output_dir)
+  assert result.returncode == 0, result.stderr
+  assert directory_contents(output_dir) == directory_contents(cache_dir)
+
+  again = run_cacher(world, output_dir)
+  assert again.returncode == 0, again.stderr
+  assert "already complete" in again.stdout
+  assert directory_contents(output_dir) == directory_contents(cache_dir)
+
+
+def _assert_one_line_error(result, *fragments):
+  assert result.returncode == 2, result.stderr
+  error_lines = [line for line in result.stderr.splitlines()
+                 if line.startswith("error: ")]
+  assert len(error_lines) == 1, result.stderr
+  assert result.stderr.rstrip().splitlines()[-1] == error_lines[0]
+  for fragment in fragments:
+    assert fragment in error_lines[0]
+
+
+def test_complete_cache_with_other_settings_is_refused(world, cache_dir):
+  before = directory_contents(cache_dir)
+  result = run_cacher(world, cache_dir, f"--num_neighbours={NUM_NEIGHBOURS - 1}")
+  _assert_one_line_error(
+      result, "complete cache made with other settings",
+      f"num_neighbours is {NUM_NEIGHBOURS}, this run asks for "
+      f"{NUM_NEIGHBOURS - 1}")
+  assert directory_contents(cache_dir) == before
+
+
+def test_kilt_line_without_input_is_refused(world, tmp_path):
+  dataset_root = str(tmp_path / "kilt")
+  shutil.copytree(world["paths"]["kilt_dir"], dataset_root)
+  dev_path = os.path.join(dataset_root, make_demo_data.SPLIT_FILES["validation"])
+  with open(dev_path, encoding="utf-8") as f:
+    lines = f.readlines()
+  broken = json.loads(lines[2])
+  del broken["input"]
+  lines[2] = json.dumps(broken) + "\n"
+  with open(dev_path, "w", encoding="utf-8") as f:
+    f.writelines(lines)
+  output_dir = str(tmp_path / "cache")
+  result = run_cacher(world, output_dir, dataset_root=dataset_root)
+  _assert_one_line_error(result, f"{dev_path}:3", "no string 'input'")
+  assert not os.path.exists(output_dir)
+
+
+def test_more_neighbours_than_blocks_is_refused(world, tmp_path):
+  output_dir = str(tmp_path / "cache")
+  result = run_cacher(world, output_dir,
+                      f"--num_neighbours={world['num_blocks'] + 1}")
+  _assert_one_line_error(result, f"there are only {world['num_blocks']} blocks")
+  assert not os.path.exists(output_dir)
+
+
+def test_exact_search_split_over_devices_writes_the_same_shards(world,
+                                                                cache_dir,
+                                                                tmp_path):
+  output_dir = str(tmp_path / "cache")
+  result = run_cacher(world, output_dir, "--splits=validation",
+                      "--distribute_mode=MirroredStrategy",
+                      "--num_cpu_devices=2")
+  assert result.returncode == 0, result.stderr
+  manifest = neighbour_cache.read_manifest(output_dir)
+  assert list(manifest["splits"]) == ["validation"]
+  for name in manifest["splits"]["validation"]["shards"]:
+    with open(os.path.join(output_dir, name), "rb") as mine, open(
+        os.path.join(cache_dir, name), "rb") as reference:
+      assert mine.read() == reference.read()
+
+
+def test_scann_cache_saves_its_index_and_records_its_config(world, tmp_path):
+  scann_config = {"num_neighbors": NUM_NEIGHBOURS, "num_leaves": 4,
+                  "num_leaves_to_search": 4, "training_sample_size": 1000,
+                  "reordering_num_neighbors": 40}
+  scann_config_path = tmp_path / "scann.json"
+  scann_config_path.write_text(json.dumps(scann_config))
+  output_dir = str(tmp_path / "cache")
+  index_dir = str(tmp_path / "index")
+  result = run_cacher(world, output_dir, "--splits=test", "--search=scann",
+                      f"--scann_config_path={scann_config_path}",
+                      f"--scann_index_dir={index_dir}")
+  assert result.returncode == 0, result.stderr
+  manifest = neighbour_cache.read_manifest(output_dir)
+  assert manifest["search"] == dict(
+      scann_config, kind="scann", dims_per_block=2,
+      anisotropic_quantization_threshold=0.2)
+  assert os.path.exists(os.path.join(index_dir, "scann_config.json"))
+  # Every leaf searched and the candidates rescored: the exact neighbours.
+  kilt = kilt_records(world, "test")
+  _, expected_ids = brute_force_neighbours(world, [k["input"] for k in kilt])
+  records = read_split(output_dir, "test")
+  np.testing.assert_array_equal(
+      [r["neighbour_block_ids"] for r in records], expected_ids)

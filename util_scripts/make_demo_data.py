@@ -1,0 +1,563 @@
+r"""Writes the offline demo world: KILT ELI5 files, REALM files and GPT-2 files.
+
+Every artefact has the format of the real one (see DESIGN.md), so the demo runs
+the code paths of a real run:
+
+  W/kilt/eli5-{train,dev,test_without_answers}-kilt.jsonl
+  W/realm/blocks.tfr                    raw UTF-8 records: title, blank line, text
+  W/realm/embedder/                     SavedModel with the REALM signatures,
+                                        assets/vocab.txt, encoded/encoded.ckpt
+  W/retriever_config.json               absolute paths + num_block_records
+  W/tokenizer/                          GPT-2 byte-level BPE (GPT2TokenizerFast)
+  W/model_config/config.json            a small GPT-2
+  W/world.json                          sizes, seed, the embedder's recall@5
+
+The world: every question is about an entity (a society, a bridge, ...) made
+up for that question alone, with a made-up founder or builder, city and year.
+Its gold block states those facts; the answer is the asked fact and little
+else. Because the facts are drawn fresh for every question, a model cannot
+memorise them: it can only answer by reading the retrieved block. Distractor
+blocks about other made-up entities share the style.
+
+The embedder is a deterministic "toy REALM": an IDF-weighted bag of BERT
+wordpieces through a fixed random projection to 128 dimensions, scaled to norm 4.
+Block embeddings are the same function applied to `[CLS] title [SEP] text
+[SEP]`, so a question scores its gold block highest (recall@5 is printed).
+
+Usage:
+  python util_scripts/make_demo_data.py --output_dir=demo_out/world [--seed=0]
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+from absl import flags
+import numpy as np
+import tensorflow as tf
+import tokenizers
+import tqdm
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tf_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_FLAG_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Required. Local directory the world is written to.")
+_FLAG_SEED = flags.DEFINE_integer(
+    "seed", 0, "Random seed: the same seed and sizes give identical files.")
+_FLAG_NUM_TRAIN = flags.DEFINE_integer(
+    "num_train", 30000, "Training questions (each about its own new entity).")
+_FLAG_NUM_VALIDATION = flags.DEFINE_integer(
+    "num_validation", 400, "Validation questions (eli5-dev-kilt.jsonl).")
+_FLAG_NUM_TEST = flags.DEFINE_integer(
+    "num_test", 150,
+    "Test questions (eli5-test_without_answers-kilt.jsonl, no answers).")
+_FLAG_NUM_DISTRACTOR_BLOCKS = flags.DEFINE_integer(
+    "num_distractor_blocks", 10000,
+    "Blocks about entities no question asks about.")
+_FLAG_GPT2_VOCAB_SIZE = flags.DEFINE_integer(
+    "gpt2_vocab_size", 3000,
+    "Vocabulary size of the GPT-2 byte-level BPE tokenizer trained on the "
+    "world's text (at least 300: 256 bytes + merges + <|endoftext|>).")
+
+EMBEDDING_SIZE = 128
+# The norm of every embedding, so scores lie in [-16, 16]. Unit vectors would
+# give cosines whose gold-to-runner-up gap (median 0.19 at the default size)
+# vanishes in a softmax at retrieval temperature 1; at norm 4 the gap is ~3
+# nats, so sampling contexts at temperature 1 mostly draws the gold block first.
+EMBEDDING_NORM = 4.0
+# REALM's query and candidate lengths (query_seq_len, candidate_seq_len).
+QUERY_MAX_LENGTH = 64
+BLOCK_MAX_LENGTH = 288
+DO_LOWER_CASE = True
+GPT2_SPECIAL_TOKEN = "<|endoftext|>"
+SPLIT_FILES = {
+    "train": "eli5-train-kilt.jsonl",
+    "validation": "eli5-dev-kilt.jsonl",
+    "test": "eli5-test_without_answers-kilt.jsonl",
+}
+# A small GPT-2, as measured in DESIGN.md ("The embedded default"). Dropout is
+# off: facts never repeat, so there is nothing to over-fit, and dropout only
+# slows down learning to copy from the context in the demo's few steps.
+MODEL_CONFIG = dict(n_layer=2, n_embd=128, n_head=4, n_positions=256,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+_EMBED_BATCH_SIZE = 1024
+# Blocks (and questions, and answers) the GPT-2 tokenizer is trained on. Names
+# are random strings of syllables, so a sample teaches the same merges as the
+# whole text, in a fraction of the time.
+_GPT2_TOKENIZER_SAMPLE = 8000
+
+# ---------------------------------------------------------------------------
+# The world: made-up entities, their blocks, questions and answers
+# ---------------------------------------------------------------------------
+
+# Names are strings of syllables, so that they split into several BPE pieces
+# and no name is a single token the model could learn as a unit.
+_ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kr", "l", "m",
+           "n", "p", "r", "s", "sh", "st", "t", "th", "tr", "v", "w", "z")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou")
+_CODAS = ("", "n", "r", "l", "s", "th", "nd", "m", "k")
+SYLLABLES = tuple(o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS)
+
+# (name suffix, what it is, verb of its founder/builder).
+_KINDS = (
+    ("Society", "a learned society", "founded"),
+    ("Museum", "a museum", "founded"),
+    ("Library", "a library", "founded"),
+    ("Academy", "an academy", "founded"),
+    ("Orchestra", "an orchestra", "founded"),
+    ("Bridge", "a bridge", "built"),
+    ("Observatory", "an observatory", "built"),
+    ("Lighthouse", "a lighthouse", "built"),
+    ("Canal", "a canal", "built"),
+    ("Railway", "a railway", "built"),
+    ("Theatre", "a theatre", "designed"),
+    ("Cathedral", "a cathedral", "designed"),
+)
+_FIRST_YEAR, _LAST_YEAR = 1100, 1999
+
+# Several phrasings, each stating all three facts in a different order.
+_BLOCK_TEMPLATES = (
+    "The {name} is {what} in {city}. It was {verb} in {year} by {person}.",
+    "{person} {verb} the {name} in {year}. It is {what} in {city}.",
+    "The {name}, {what} in {city}, was {verb} by {person} in {year}.",
+    "In {year}, {person} {verb} the {name}, {what} in the city of {city}.",
+)
+# Per asked fact: question phrasings and the answer. Answers are facts and
+# punctuation only: every predictable word would be as easy with or without the
+# context and dilute the perplexity ratio the demo measures (DESIGN.md).
+_QUESTION_TEMPLATES = {
+    "year": (("In what year was the {name} {verb}?", "When was the {name} {verb}?"),
+             "{year}."),
+    "person": (("Who {verb} the {name}?", "By whom was the {name} {verb}?"),
+               "{person}, in {year}."),
+    "city": (("Where is the {name}?", "In which city is the {name}?"),
+             "{city}."),
+}
+
+
+def _template_words():
+  """The lower-cased words of every fixed template (not the made-up names)."""
+  texts = list(_BLOCK_TEMPLATES) + [w for kind in _KINDS for w in kind]
+  for questions, answer in _QUESTION_TEMPLATES.values():
+    texts.extend(questions)
+    texts.append(answer)
+  words = set()
+  for text in texts:
+    words.update(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", text.lower())))
+  return sorted(words)
+
+
+def _make_word(rng, min_syllables, max_syllables):
+  count = rng.randint(min_syllables, max_syllables)
+  return "".join(rng.choice(SYLLABLES) for _ in range(count)).capitalize()
+
+
+def _make_entity(rng, used_names):
+  """A new entity with its facts; its name differs from every earlier one."""
+  suffix, what, verb = rng.choice(_KINDS)
+  while True:
+    words = [_make_word(rng, 2, 3) for _ in range(rng.randint(1, 2))]
+    name = " ".join(words + [suffix])
+    if name not in used_names:
+      used_names.add(name)
+      break
+  return {
+      "name": name, "what": what, "verb": verb,
+      "city": _make_word(rng, 2, 3),
+      "person": f"{_make_word(rng, 1, 2)} {_make_word(rng, 2, 3)}",
+      "year": str(rng.randint(_FIRST_YEAR, _LAST_YEAR)),
+  }
+
+
+def _block_text(rng, entity):
+  text = rng.choice(_BLOCK_TEMPLATES).format(**entity)
+  return text[0].upper() + text[1:]
+
+
+def make_world(seed, num_train, num_validation, num_test,
+               num_distractor_blocks):
+  """The demo world as plain Python data, a pure function of its arguments.
+
+  Returns:
+    (blocks, questions): blocks is a list of (title, text) in block-id order;
+    questions maps each split to a list of dicts with `id`, `input`,
+    `answer` and `block_id` (the gold block).
+  """
+  rng = random.Random(seed)
+  used_names = set()
+  sizes = {"train": num_train, "validation": num_validation, "test": num_test}
+  entities = []
+  questions = {split: [] for split in sizes}
+  for split, size in sizes.items():
+    for index in range(size):
+      entity = _make_entity(rng, used_names)
+      fact = rng.choice(sorted(_QUESTION_TEMPLATES))
+      phrasings, answer = _QUESTION_TEMPLATES[fact]
+      questions[split].append({
+          "id": f"demo-{split}-{index:06d}",
+          "input": rng.choice(phrasings).format(**entity),
+          "answer": answer.format(**entity),
+          "block_id": len(entities),  # The entity's index until the shuffle.
+      })
+      entities.append(entity)
+  for _ in range(num_distractor_blocks):
+    entities.append(_make_entity(rng, used_names))
+  texts = [(entity["name"], _block_text(rng, entity)) for entity in entities]
+  # Shuffled so that a block id says nothing about the split or question.
+  order = list(range(len(entities)))
+  rng.shuffle(order)
+  block_id_of_entity = {entity: block for block, entity in enumerate(order)}
+  for question in (q for split in questions.values() for q in split):
+    question["block_id"] = block_id_of_entity[question["block_id"]]
+  return [texts[entity] for entity in order], questions
+
+
+def kilt_lines(questions, blocks, with_answers):
+  """KILT jsonl text for one split; the test split carries no `output`."""
+  lines = []
+  for question in questions:
+    record = {"id": question["id"], "input": question["input"]}
+    if with_answers:
+      title = blocks[question["block_id"]][0]
+      record["output"] = [{
+          "answer": question["answer"],
+          "provenance": [{"wikipedia_id": str(question["block_id"]),
+                          "title": title}],
+      }]
+    lines.append(json.dumps(record) + "\n")
+  return "".join(lines)
+
+
+def block_record(title, text):
+  """One blocks.tfr record: raw UTF-8, title, a blank line, then the text."""
+  return f"{title}\n\n{text}".encode("utf-8")
+
+
+# ---------------------------------------------------------------------------
+# The toy REALM embedder
+# ---------------------------------------------------------------------------
+
+
+def wordpiece_vocabulary():
+  """A BERT wordpiece vocabulary that covers the world without [UNK].
+
+  Template words are whole pieces; made-up names split into syllables (and, as
+  a fallback, single letters), digits are single pieces.
+  """
+  specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  punctuation = list(".,?!'\"-:;()")
+  characters = list("0123456789abcdefghijklmnopqrstuvwxyz")
+  words = sorted(set(_template_words()) | set(SYLLABLES) | set(characters))
+  continuations = ["##" + piece for piece in sorted(set(SYLLABLES) |
+                                                    set(characters))]
+  return specials + punctuation + words + continuations
+
+
+def load_wordpiece_tokenizer(vocab_file, do_lower_case=DO_LOWER_CASE):
+  """The BERT wordpiece tokenizer the toy embedder's inputs are made with.
+
+  `encode(q)` gives `[CLS] q [SEP]`; `encode(title, text)` gives
+  `[CLS] title [SEP] text [SEP]` with segment ids 0 then 1.
+  """
+  return tokenizers.BertWordPieceTokenizer(vocab_file,
+                                           lowercase=do_lower_case)
+
+
+def _features(encodings):
+  """int32 input_ids / input_mask / segment_ids, zero-padded to the longest."""
+  length = max(len(e.ids) for e in encodings)
+  features = {name: np.zeros([len(encodings), length], np.int32)
+              for name in ("input_ids", "input_mask", "segment_ids")}
+  for row, encoding in enumerate(encodings):
+    features["input_ids"][row, :len(encoding.ids)] = encoding.ids
+    features["input_mask"][row, :len(encoding.ids)] = 1
+    features["segment_ids"][row, :len(encoding.ids)] = encoding.type_ids
+  return features
+
+
+def query_features(tokenizer, questions, max_length=QUERY_MAX_LENGTH):
+  """REALM query inputs: `[CLS] q [SEP]`, mask of ones, segment ids of zeros."""
+  tokenizer.enable_truncation(max_length)
+  return _features(tokenizer.encode_batch(list(questions)))
+
+
+def block_features(tokenizer, blocks, max_length=BLOCK_MAX_LENGTH):
+  """REALM candidate inputs: `[CLS] title [SEP] text [SEP]` per (title, text)."""
+  tokenizer.enable_truncation(max_length)
+  return _features(tokenizer.encode_batch([tuple(b) for b in blocks]))
+
+
+class ToyRealmEmbedder(tf.Module):
+  """The REALM embedder's interface over an IDF-weighted bag of wordpieces.
+
+  Signatures, as in REALM's TF-Hub embedder:
+    projected(input_ids, input_mask, segment_ids) -> {"default": [B, 128]}
+    tokenization_info() -> {"vocab_file", "do_lower_case"}
+  """
+
+  def __init__(self, vocab_file, token_weights, projection):
+    super().__init__()
+    self._vocab_file = tf.saved_model.Asset(vocab_file)
+    self._token_weights = tf.Variable(token_weights, trainable=False,
+                                      name="token_weights")
+    self._projection = tf.Variable(projection, trainable=False,
+                                   name="projection")
+
+  @tf.function(input_signature=[
+      tf.TensorSpec([None, None], tf.int32, name="input_ids"),
+      tf.TensorSpec([None, None], tf.int32, name="input_mask"),
+      tf.TensorSpec([None, None], tf.int32, name="segment_ids")])
+  def projected(self, input_ids, input_mask, segment_ids):
+    del segment_ids  # A bag of wordpieces has no segments.
+    weights = (tf.gather(self._token_weights, input_ids) *
+               tf.cast(input_mask, tf.float32))
+    vectors = tf.gather(self._projection, input_ids)
+    summed = tf.reduce_sum(weights[:, :, tf.newaxis] * vectors, axis=1)
+    return {"default": EMBEDDING_NORM * tf.math.l2_normalize(summed, axis=-1)}
+
+  @tf.function(input_signature=[])
+  def tokenization_info(self):
+    return {"vocab_file": self._vocab_file.asset_path,
+            "do_lower_case": tf.constant(DO_LOWER_CASE)}
+
+  def signatures(self):
+    return {"projected": self.projected.get_concrete_function(),
+            "tokenization_info": self.tokenization_info.get_concrete_function()}
+
+
+def inverse_document_frequencies(block_input_ids, block_mask, vocab_size):
+  """log(N / df) per wordpiece over the blocks; 0 for the special tokens."""
+  num_blocks = block_input_ids.shape[0]
+  document_frequency = np.zeros(vocab_size, np.int64)
+  for ids, mask in zip(block_input_ids, block_mask):
+    document_frequency[np.unique(ids[mask.astype(bool)])] += 1
+  idf = np.log(num_blocks / np.maximum(document_frequency, 1))
+  idf[:5] = 0.0  # [PAD], [UNK], [CLS], [SEP], [MASK] carry no content.
+  return idf.astype(np.float32)
+
+
+def token_weights(idf):
+  """The embedder's weight of each wordpiece: the square root of its IDF.
+
+  Measured on the default world, the gold block is in the top 5 for 98.5% of
+  questions with sqrt(IDF), 89% with IDF and 40% with IDF^2: the random
+  projection to 128 dimensions adds noise that grows with the norm of the
+  whole bag, and flatter weights leave more of that norm on the name the
+  question and its block share.
+  """
+  return np.sqrt(idf)
+
+
+def embed(projected, features, batch_size=_EMBED_BATCH_SIZE, desc=None):
+  """Runs a `projected` signature over features in batches: float32 [N, 128]."""
+  num_rows = features["input_ids"].shape[0]
+  outputs = []
+  for start in tqdm.trange(0, num_rows, batch_size, desc=desc, disable=None,
+                           leave=False):
+    batch = {name: tf.constant(value[start:start + batch_size])
+             for name, value in features.items()}
+    outputs.append(projected(**batch)["default"].numpy())
+  return np.concatenate(outputs, axis=0)
+
+
+def recall_at_k(query_embeddings, block_embeddings, gold_block_ids, k=5,
+                chunk_size=1024):
+  """Fraction of queries whose gold block is among the k highest inner products.
+
+  A gold block is in the top k when fewer than k blocks score strictly higher
+  (ties count in its favour); counting is one pass, unlike a partial sort.
+  """
+  hits = 0
+  for start in range(0, len(query_embeddings), chunk_size):
+    queries = query_embeddings[start:start + chunk_size]
+    gold = np.asarray(gold_block_ids[start:start + chunk_size])
+    scores = queries @ block_embeddings.T
+    gold_scores = scores[np.arange(len(gold)), gold][:, np.newaxis]
+    hits += int(np.sum(np.sum(scores > gold_scores, axis=1) < k))
+  return hits / len(query_embeddings)
+
+
+def write_block_embeddings(checkpoint_prefix, block_embeddings):
+  """A name-based checkpoint whose variable `block_emb` is [num_blocks, 128].
+
+  REALM's public `encoded/encoded.ckpt` is a TF1 checkpoint read with
+  `tf.train.load_variable(path, "block_emb")`; SaveV2 writes the same key.
+  """
+  tf.raw_ops.SaveV2(prefix=checkpoint_prefix, tensor_names=["block_emb"],
+                    shape_and_slices=[""],
+                    tensors=[tf.constant(block_embeddings, tf.float32)])
+
+
+# ---------------------------------------------------------------------------
+# GPT-2 tokenizer and config
+# ---------------------------------------------------------------------------
+
+
+def train_gpt2_tokenizer(texts, vocab_size):
+  """A GPT-2-format byte-level BPE tokenizer trained on `texts`."""
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
+      add_prefix_space=False)
+  bpe.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size, min_frequency=2,
+      special_tokens=[GPT2_SPECIAL_TOKEN],
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False)
+  bpe.train_from_iterator(texts, trainer=trainer)
+  return transformers.GPT2TokenizerFast(
+      tokenizer_object=bpe, bos_token=GPT2_SPECIAL_TOKEN,
+      eos_token=GPT2_SPECIAL_TOKEN, unk_token=GPT2_SPECIAL_TOKEN,
+      model_max_length=MODEL_CONFIG["n_positions"])
+
+
+def gpt2_config(tokenizer):
+  special_id = tokenizer.convert_tokens_to_ids(GPT2_SPECIAL_TOKEN)
+  return transformers.GPT2Config(vocab_size=len(tokenizer),
+                                 bos_token_id=special_id,
+                                 eos_token_id=special_id, **MODEL_CONFIG)
+
+
+# ---------------------------------------------------------------------------
+# Writing the world
+# ---------------------------------------------------------------------------
+
+
+def _replace_directory(staging, final):
+  """Moves a finished directory into place, replacing an earlier one."""
+  if os.path.exists(final):
+    shutil.rmtree(final)
+  os.rename(staging, final)
+
+
+def _check_sizes(sizes, gpt2_vocab_size):
+  for name, value in sizes.items():
+    minimum = 0 if name == "num_distractor_blocks" else 1
+    if value < minimum:
+      raise utils.UserError(f"--{name}={value}: expected at least {minimum}")
+  if gpt2_vocab_size < 300:
+    raise utils.UserError(
+        f"--gpt2_vocab_size={gpt2_vocab_size}: expected at least 300")
+
+
+def build_world(output_dir, *, seed=0, num_train=30000, num_validation=400,
+                num_test=150, num_distractor_blocks=10000,
+                gpt2_vocab_size=3000):
+  """Writes every artefact of the world under `output_dir` (a local path).
+
+  Each file is written under a temporary name and renamed when complete;
+  `world.json` is written last, so its presence means the world is complete.
+
+  Returns:
+    The contents of `world.json`: sizes, seed, file paths and `recall_at_5`.
+  """
+  sizes = dict(num_train=num_train, num_validation=num_validation,
+               num_test=num_test, num_distractor_blocks=num_distractor_blocks)
+  _check_sizes(sizes, gpt2_vocab_size)
+  output_dir = os.path.abspath(output_dir)
+  paths = {
+      "kilt_dir": os.path.join(output_dir, "kilt"),
+      "blocks": os.path.join(output_dir, "realm", "blocks.tfr"),
+      "embedder": os.path.join(output_dir, "realm", "embedder"),
+      "retriever_config": os.path.join(output_dir, "retriever_config.json"),
+      "tokenizer": os.path.join(output_dir, "tokenizer"),
+      "model_config": os.path.join(output_dir, "model_config"),
+  }
+  for directory in ("kilt", "realm", "model_config"):
+    os.makedirs(os.path.join(output_dir, directory), exist_ok=True)
+
+  blocks, questions = make_world(seed, **sizes)
+  for split, file_name in SPLIT_FILES.items():
+    utils.atomic_write_text(
+        os.path.join(paths["kilt_dir"], file_name),
+        kilt_lines(questions[split], blocks, with_answers=split != "test"))
+  tf_utils.write_tfrecords(paths["blocks"],
+                           (block_record(*block) for block in blocks))
+
+  with tempfile.TemporaryDirectory(dir=output_dir,
+                                   prefix=".staging-") as staging:
+    vocab_file = os.path.join(staging, "vocab.txt")
+    vocabulary = wordpiece_vocabulary()
+    with open(vocab_file, "w", encoding="utf-8") as f:
+      f.write("".join(piece + "\n" for piece in vocabulary))
+    wordpieces = load_wordpiece_tokenizer(vocab_file)
+    blocks_in = block_features(wordpieces, blocks)
+    idf = inverse_document_frequencies(blocks_in["input_ids"],
+                                       blocks_in["input_mask"], len(vocabulary))
+    projection = np.random.default_rng(seed).standard_normal(
+        [len(vocabulary), EMBEDDING_SIZE]).astype(np.float32)
+    embedder = ToyRealmEmbedder(vocab_file, token_weights(idf), projection)
+    block_embeddings = embed(embedder.projected, blocks_in, desc="blocks")
+
+    embedder_dir = os.path.join(staging, "embedder")
+    tf.saved_model.save(embedder, embedder_dir,
+                        signatures=embedder.signatures())
+    os.makedirs(os.path.join(embedder_dir, "encoded"))
+    write_block_embeddings(
+        os.path.join(embedder_dir, "encoded", "encoded.ckpt"), block_embeddings)
+    _replace_directory(embedder_dir, paths["embedder"])
+
+    all_questions = [q for split in SPLIT_FILES for q in questions[split]]
+    question_embeddings = embed(
+        embedder.projected,
+        query_features(wordpieces, [q["input"] for q in all_questions]),
+        desc="questions")
+    recall = recall_at_k(question_embeddings, block_embeddings,
+                         [q["block_id"] for q in all_questions], k=5)
+
+    # Question and answer as the model's input lays them out (DESIGN.md).
+    sample = _GPT2_TOKENIZER_SAMPLE
+    gpt2_texts = ([block_record(*block).decode() for block in blocks[:sample]] +
+                  [f"Question: {q['input']} Answer: {q['answer']}"
+                   for q in questions["train"][:sample]])
+    gpt2_tokenizer = train_gpt2_tokenizer(gpt2_texts, gpt2_vocab_size)
+    tokenizer_dir = os.path.join(staging, "tokenizer")
+    gpt2_tokenizer.save_pretrained(tokenizer_dir)
+    _replace_directory(tokenizer_dir, paths["tokenizer"])
+
+  utils.atomic_write_text(
+      os.path.join(paths["model_config"], "config.json"),
+      gpt2_config(gpt2_tokenizer).to_json_string())
+  utils.atomic_write_json(paths["retriever_config"], {
+      "query_embedder_path": paths["embedder"],
+      "text_records": paths["blocks"],
+      "num_block_records": len(blocks),
+  })
+  world = dict(sizes, seed=seed, num_blocks=len(blocks),
+               gpt2_vocab_size=len(gpt2_tokenizer),
+               wordpiece_vocab_size=len(vocabulary),
+               recall_at_5=round(recall, 6), paths=paths)
+  utils.atomic_write_json(os.path.join(output_dir, "world.json"), world)
+  return world
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise utils.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _FLAG_OUTPUT_DIR.value:
+    raise utils.UserError("--output_dir is required: where to write the world")
+  start = time.time()
+  world = build_world(
+      _FLAG_OUTPUT_DIR.value, seed=_FLAG_SEED.value,
+      num_train=_FLAG_NUM_TRAIN.value,
+      num_validation=_FLAG_NUM_VALIDATION.value, num_test=_FLAG_NUM_TEST.value,
+      num_distractor_blocks=_FLAG_NUM_DISTRACTOR_BLOCKS.value,
+      gpt2_vocab_size=_FLAG_GPT2_VOCAB_SIZE.value)
+  print(f"demo world in {os.path.abspath(_FLAG_OUTPUT_DIR.value)}: "
+        f"{world['num_train']} train / {world['num_validation']} validation / "
+        f"{world['num_test']} test questions, {world['num_blocks']} blocks, "
+        f"GPT-2 vocabulary {world['gpt2_vocab_size']} "
+        f"({time.time() - start:.1f} s)")
+  print(f"gold-block recall@5 of the embedder: {world['recall_at_5']:.4f}")
+
+
+if __name__ == "__main__":
+  utils.run(main)
