@@ -1,5 +1,7 @@
-"""A small Keras regression model and a fixed global batch, shared by the
-in-process distribution tests and the multi-worker worker processes."""
+"""A small Keras regression model, a fixed global batch and free local ports,
+shared by the distribution tests and the multi-worker worker processes."""
+
+import socket
 
 import numpy as np
 import tensorflow as tf
@@ -62,3 +64,14 @@ def train_one_step(strategy, batch_split=1):
       batch_split=batch_split, clip_norm=10.0)
   metrics = train_step(next(iter(dataset)))
   return [w for w in model.get_weights()], float(metrics["loss"])
+
+
+def free_ports(count):
+  """`count` TCP ports on 127.0.0.1 that were free a moment ago."""
+  sockets = [socket.socket() for _ in range(count)]
+  for s in sockets:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports

@@ -10,7 +10,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import safetensors.numpy
 import transformers
 
 import cache_fixtures
+import distributed_fixtures
 import modeling_tf_gpt2_model_par as modeling
 import task_specific
 import utils
@@ -251,21 +251,12 @@ def test_bad_input_exits_2_with_one_line(world, tmp_path):
   assert "Traceback" not in result.stderr
 
 
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 @pytest.mark.slow
 @pytest.mark.multiworker
 def test_two_worker_multiworker_mirrored_run(world, tmp_path):
   """Acceptance 6: two local worker processes train and evaluate end to end."""
-  workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+  workers = [f"127.0.0.1:{port}"
+             for port in distributed_fixtures.free_ports(2)]
   command = _command(world, tmp_path, "two_workers", max_steps=4,
                      batches_between_evals=4, checkpoint_every_steps=2,
                      distribute_mode="MultiWorkerMirroredStrategy")

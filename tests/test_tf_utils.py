@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,19 +17,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 
 
-def _free_ports(count):
-  sockets = [socket.socket() for _ in range(count)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
-
-
 def _multi_worker_weights(tmp_path, num_workers=2):
   """Runs one train step in `num_workers` local processes; the chief's weights."""
-  workers = [f"127.0.0.1:{port}" for port in _free_ports(num_workers)]
+  workers = [f"127.0.0.1:{port}"
+             for port in distributed_fixtures.free_ports(num_workers)]
   output = tmp_path / "chief_weights.npz"
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]),
              TF_CPP_MIN_LOG_LEVEL="2")

@@ -45,6 +45,7 @@ import tqdm
 import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import retrievers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tf_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -385,17 +386,6 @@ def recall_at_k(query_embeddings, block_embeddings, gold_block_ids, k=5,
   return hits / len(query_embeddings)
 
 
-def write_block_embeddings(checkpoint_prefix, block_embeddings):
-  """A name-based checkpoint whose variable `block_emb` is [num_blocks, 128].
-
-  REALM's public `encoded/encoded.ckpt` is a TF1 checkpoint read with
-  `tf.train.load_variable(path, "block_emb")`; SaveV2 writes the same key.
-  """
-  tf.raw_ops.SaveV2(prefix=checkpoint_prefix, tensor_names=["block_emb"],
-                    shape_and_slices=[""],
-                    tensors=[tf.constant(block_embeddings, tf.float32)])
-
-
 # ---------------------------------------------------------------------------
 # GPT-2 tokenizer and config
 # ---------------------------------------------------------------------------
@@ -500,9 +490,7 @@ def build_world(output_dir, *, seed=0, num_train=30000, num_validation=400,
     embedder_dir = os.path.join(staging, "embedder")
     tf.saved_model.save(embedder, embedder_dir,
                         signatures=embedder.signatures())
-    os.makedirs(os.path.join(embedder_dir, "encoded"))
-    write_block_embeddings(
-        os.path.join(embedder_dir, "encoded", "encoded.ckpt"), block_embeddings)
+    retrievers.write_block_embeddings(embedder_dir, block_embeddings)
     _replace_directory(embedder_dir, paths["embedder"])
 
     all_questions = [q for split in SPLIT_FILES for q in questions[split]]
