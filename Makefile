@@ -29,8 +29,12 @@ test-fast: lint
 demo: $(STAMP)
 	$(PY) util_scripts/run_demo.py --output_dir=demo_out
 
+# Each prints ratios against the peer measured in the same run. The input
+# pipeline bench reads the demo's cache: run `make demo` first.
 bench: $(STAMP)
-	$(PY) bench/run_all.py --output_dir=bench_out
+	$(PY) bench/bench_gpt2.py
+	$(PY) bench/bench_retrieval.py
+	$(PY) bench/bench_input_pipeline.py
 
 clean:
 	rm -rf demo_out bench_out .pytest_cache
