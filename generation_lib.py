@@ -79,8 +79,11 @@ def read_run_config(run_dir):
 
 
 def run_tokenizer_key(run_config):
+  """The tokenizer the run trained with: as main.py chose it, its --tokenizer
+  or else its cache's."""
   run_flags = run_config["flags"]
-  return run_flags.get("tokenizer") or run_flags["model_key"]
+  return (run_flags.get("tokenizer") or
+          neighbour_cache.read_manifest(run_flags["cache_dir"])["tokenizer"])
 
 
 def run_model_config(run_config, tokenizer):

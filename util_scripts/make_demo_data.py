@@ -124,23 +124,31 @@ _KINDS = (
 )
 _FIRST_YEAR, _LAST_YEAR = 1100, 1999
 
-# Several phrasings, each stating all three facts in a different order.
+# Several phrasings, each stating all three facts in a different order. Each
+# fact follows its own marker word, which appears nowhere else in the block
+# (`in {year}`, `by {person}`, `city of {city}`), and the answer starts with
+# that marker: answering is "find the answer's first word in the block, copy
+# what follows", a pattern a 2-layer GPT-2 learns in a few hundred steps.
 _BLOCK_TEMPLATES = (
-    "The {name} is {what} in {city}. It was {verb} in {year} by {person}.",
-    "{person} {verb} the {name} in {year}. It is {what} in {city}.",
-    "The {name}, {what} in {city}, was {verb} by {person} in {year}.",
-    "In {year}, {person} {verb} the {name}, {what} in the city of {city}.",
+    "The {name} is {what} from the city of {city}. It was {verb} in {year} "
+    "by {person}.",
+    "From the city of {city}, the {name} is {what} {verb} by {person} in "
+    "{year}.",
+    "The {name}, {what} from the city of {city}, was {verb} by {person} in "
+    "{year}.",
+    "It was in {year} that the {name}, {what} from the city of {city}, was "
+    "{verb} by {person}.",
 )
-# Per asked fact: question phrasings and the answer. Answers are facts and
-# punctuation only: every predictable word would be as easy with or without the
-# context and dilute the perplexity ratio the demo measures (DESIGN.md).
+# Per asked fact: question phrasings and the answer. Answers are a marker word
+# and the fact: every other predictable word would be as easy with or without
+# the context and dilute the perplexity ratio the demo measures (DESIGN.md).
 _QUESTION_TEMPLATES = {
     "year": (("In what year was the {name} {verb}?", "When was the {name} {verb}?"),
-             "{year}."),
+             "in {year}."),
     "person": (("Who {verb} the {name}?", "By whom was the {name} {verb}?"),
-               "{person}, in {year}."),
+               "by {person}."),
     "city": (("Where is the {name}?", "In which city is the {name}?"),
-             "{city}."),
+             "city of {city}."),
 }
 
 

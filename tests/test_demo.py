@@ -1,0 +1,140 @@
+"""`make demo` end to end at a tiny size: every stage's outputs exist and agree."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+import kilt_metrics
+import neighbour_cache
+from util_scripts import demo_layout
+import utils
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "util_scripts", "run_demo.py")
+MAX_STEPS = 3
+TINY = ["--num_train=40", "--num_validation=8", "--num_test=4",
+        "--num_distractor_blocks=20", "--gpt2_vocab_size=400",
+        "--num_neighbours=4", f"--max_steps={MAX_STEPS}", "--warmup_steps=1"]
+
+
+def _run(output_dir):
+  result = subprocess.run(
+      [sys.executable, SCRIPT, f"--output_dir={output_dir}", *TINY],
+      capture_output=True, text=True, timeout=900,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+  output_dir = tmp_path_factory.mktemp("demo")
+  return output_dir, _run(output_dir)
+
+
+def _cached_ids(cache_dir, split):
+  manifest = neighbour_cache.read_manifest(cache_dir)
+  files = neighbour_cache.split_files(str(cache_dir), manifest, split)
+  return [neighbour_cache.parse_example(record)["id"].numpy().decode()
+          for record in tf.data.TFRecordDataset(files)]
+
+
+def _table_rows(report):
+  """{run: [cells]} of the report's results table."""
+  rows = {}
+  for line in report.splitlines():
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    if cells[0] in demo_layout.TRAIN_RUNS:
+      rows[cells[0]] = cells[1:]
+  return rows
+
+
+@pytest.mark.slow
+def test_every_stage_writes_its_outputs(demo):
+  output_dir, stdout = demo
+  expected = ["world/world.json", "cache/manifest.json",
+              "stage_times.json", "report.md", *demo_layout.PLOTS]
+  for run in demo_layout.TRAIN_RUNS:
+    expected += [f"runs/{run}/{name}" for name in
+                 ("done.json", "metrics.jsonl", "ablation_validation.json")]
+  for run in demo_layout.GENERATION_RUNS:
+    expected += [f"generations/{run}/generations.jsonl",
+                 f"generations/{run}/kilt_metrics.json"]
+  for name in expected:
+    path = os.path.join(output_dir, name)
+    assert os.path.getsize(path) > 0, path
+  for plot in demo_layout.PLOTS:
+    with open(os.path.join(output_dir, plot), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # Progress is visible, and the table is printed as well as written.
+  assert "[demo 10/10] generate naked: running generation.py" in stdout
+  with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
+    assert _table_rows(f.read()) == _table_rows(stdout)
+
+
+@pytest.mark.slow
+def test_ids_agree_across_cache_generations_and_gold(demo):
+  output_dir, _ = demo
+  gold = kilt_metrics.read_gold(
+      os.path.join(output_dir, "world", "kilt", demo_layout.GOLD_FILE))
+  gold_ids = [record["id"] for record in gold]
+  assert len(gold_ids) == 8
+  assert _cached_ids(os.path.join(output_dir, "cache"), "validation") == gold_ids
+  for run in demo_layout.GENERATION_RUNS:
+    with open(demo_layout.generation_path(str(output_dir), run),
+              encoding="utf-8") as f:
+      assert [json.loads(line)["id"] for line in f] == gold_ids
+
+
+@pytest.mark.slow
+def test_report_table_has_the_numbers_of_the_json_files(demo):
+  output_dir, _ = demo
+  with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
+    rows = _table_rows(f.read())
+  assert list(rows) == list(demo_layout.TRAIN_RUNS)
+  gold = kilt_metrics.read_gold(
+      os.path.join(output_dir, "world", "kilt", demo_layout.GOLD_FILE))
+  for run, cells in rows.items():
+    run_dir = os.path.join(output_dir, "runs", run)
+    assert int(cells[0]) == MAX_STEPS == utils.read_json(
+        os.path.join(run_dir, "done.json"))["step"]
+    ablation = utils.read_json(os.path.join(run_dir,
+                                            "ablation_validation.json"))
+    assert cells[1:4] == [f"{ablation[name]['answer_ppl']:.3f}"
+                          for name in demo_layout.ABLATIONS]
+    if run not in demo_layout.GENERATION_RUNS:
+      assert cells[4:7] == ["-"] * 3
+      continue
+    output = demo_layout.generation_path(str(output_dir), run)
+    metrics = utils.read_json(os.path.join(os.path.dirname(output),
+                                           "kilt_metrics.json"))
+    guesses = kilt_metrics.read_guesses(output)
+    facts = [demo_layout.answer_fact(record["output"][0]["answer"])
+             for record in gold]
+    accuracy = sum(fact in guesses[record["id"]]
+                   for fact, record in zip(facts, gold)) / len(gold)
+    assert cells[4:7] == [f"{metrics['rougeL']:.3f}", f"{metrics['f1']:.3f}",
+                          f"{accuracy:.3f}"]
+
+
+def test_answer_fact_strips_the_marker_words_and_the_period():
+  assert demo_layout.answer_fact("in 1597.") == "1597"
+  assert demo_layout.answer_fact("by Trukkos Ramshou.") == "Trukkos Ramshou"
+  assert demo_layout.answer_fact("city of Zendakbrim.") == "Zendakbrim"
+
+
+@pytest.mark.slow
+def test_rerun_reuses_every_stage(demo):
+  output_dir, _ = demo
+  with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
+    report = f.read()
+  stdout = _run(output_dir)
+  assert len(re.findall(r"^\[demo \d+/10\] .*: reused", stdout, re.M)) == 10
+  assert "running" not in stdout
+  with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
+    assert f.read() == report
