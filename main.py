@@ -142,6 +142,10 @@ _FLAG_EXPERIMENTAL_COMPILE = flags.DEFINE_boolean(
     "experimental_compile", False, "Compile the train step with XLA.")
 _FLAG_BF16 = flags.DEFINE_boolean(
     "bf16", False, "Compute in bfloat16 (weights and loss stay float32).")
+_FLAG_RECOMPUTE = flags.DEFINE_boolean(
+    "recompute", False,
+    "Recompute each block in the backward pass: activation memory of one "
+    "block instead of all (README: memory plan), about 1/3 more compute.")
 
 # The model-config keys that decide the weights' shapes and meaning.
 _MODEL_CONFIG_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer",
@@ -195,7 +199,7 @@ class Setup:
       self.model = task_specific.load_model(
           model_key, devices=self.model_devices,
           dtype="bfloat16" if _FLAG_BF16.value else None,
-          seed=_FLAG_RANDOM_SEED.value)
+          seed=_FLAG_RANDOM_SEED.value, recompute=_FLAG_RECOMPUTE.value)
     config = self.model.config
     neighbour_cache.check_manifest(
         self.manifest, self.cache_dir, vocab_size=config.vocab_size,
@@ -295,7 +299,8 @@ def make_eval_fn(setup):
   @tf.function
   def eval_step(batch):
     per_replica = setup.strategy.run(
-        lambda b: task_specific.answer_loss_sum(setup.model, b), args=(batch,))
+        lambda b: task_specific.answer_loss_sum(
+            setup.model, b, setup.layout.max_labels), args=(batch,))
     return [setup.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
             for value in per_replica]
 
@@ -394,7 +399,7 @@ def train():
                  int(step))
   train_step = tf_utils.make_train_step(
       strategy, lambda batch: task_specific.answer_loss_sum(
-          model, batch, training=True),
+          model, batch, setup.layout.max_labels, training=True),
       variables, optimizer, clip_norm=_FLAG_CLIP_NORM.value or None,
       batch_split=_FLAG_BATCH_SPLIT.value,
       jit_compile=_FLAG_EXPERIMENTAL_COMPILE.value)

@@ -513,15 +513,18 @@ class GPT2LMHeadModel(tf.Module):
                               dropout_seed, 0), 0)
       return x
 
-  def _head(self, x):
+  def _head(self, x, score_positions=None):
     with self._on_device(self.config.n_layer - 1):
+      if score_positions is not None:
+        x = tf.gather(x, score_positions, batch_dims=1)
       x = self._layer_norm(self.transformer.ln_f, x)
       logits = tf.einsum("bte,ve->btv", x,
                          self._weight(self.transformer.wte.weight))
       return tf.cast(logits, tf.float32)
 
   def _transform(self, input_ids, position_ids, keys_allowed, key_bias,
-                 dropout_seed=None, cache=None, cache_index=None):
+                 dropout_seed=None, cache=None, cache_index=None,
+                 score_positions=None):
     """Embeddings, blocks and the tied head; returns (logits, new cache)."""
     x = self._embed(input_ids, position_ids, dropout_seed)
     new_cache = []
@@ -536,13 +539,13 @@ class GPT2LMHeadModel(tf.Module):
           x, layer_cache = self._block(layer, x, keys_allowed, key_bias,
                                        cache[layer], cache_index, None)
         new_cache.append(layer_cache)
-    return self._head(x), new_cache
+    return self._head(x, score_positions), new_cache
 
   # The model has no data-dependent Python control flow: autograph must not
   # rewrite it when a caller's tf.function converts its body.
   @tf.autograph.experimental.do_not_convert
   def __call__(self, input_ids, attention_mask=None, position_ids=None,
-               training=False, dropout_seed=None):
+               training=False, dropout_seed=None, score_positions=None):
     """Logits [B, T, V] (float32) of input_ids [B, T].
 
     Args:
@@ -554,6 +557,10 @@ class GPT2LMHeadModel(tf.Module):
       training: apply dropout (needs dropout_seed).
       dropout_seed: int [2]; dropout is stateless in this seed, so a resumed
         run reproduces an uninterrupted one.
+      score_positions: optional int [B, K]: return only the logits [B, K, V]
+        at these positions. The tied head costs 2·T·E·V FLOPs, as much as
+        the blocks of a small model; a loss on a few positions (the answer)
+        need not pay it at every position.
     """
     input_ids = tf.convert_to_tensor(input_ids)
     length = input_ids.shape[1]
@@ -568,7 +575,8 @@ class GPT2LMHeadModel(tf.Module):
     key_bias = padding_bias(attention_mask)
     logits, _ = self._transform(
         input_ids, position_ids, keys_allowed, key_bias,
-        dropout_seed=dropout_seed if training else None)
+        dropout_seed=dropout_seed if training else None,
+        score_positions=score_positions)
     return logits
 
   # -- decoding -----------------------------------------------------------

@@ -72,6 +72,11 @@ class Layout:
   context_helper_mode: str = "each"
 
   @property
+  def max_labels(self):
+    """The most labelled tokens of a sequence: the answer and its EOS."""
+    return self.max_answer_tokens + 1
+
+  @property
   def fixed_tokens(self):
     """Tokens of the longest question, the answer reserve and their helpers."""
     return (len(self.question_helper) + self.max_question_tokens +
@@ -447,7 +452,8 @@ _CONFIG_NAME = "config.json"
 _WEIGHT_NAMES = ("model.safetensors", "tf_model.h5", "pytorch_model.bin")
 
 
-def load_model(model_key, *, devices=None, dtype=None, seed=0):
+def load_model(model_key, *, devices=None, dtype=None, seed=0,
+               recompute=False):
   """GPT-2 from a hub key or checkpoint directory.
 
   A directory holding a `config.json` and no weights means a freshly
@@ -460,25 +466,52 @@ def load_model(model_key, *, devices=None, dtype=None, seed=0):
     config = transformers.GPT2Config.from_dict(
         utils.read_json(config_path, "GPT-2 config"))
     return modeling_tf_gpt2_model_par.GPT2LMHeadModel.from_config(
-        config, devices=devices, dtype=dtype, seed=seed)
+        config, devices=devices, dtype=dtype, seed=seed, recompute=recompute)
   return modeling_tf_gpt2_model_par.GPT2LMHeadModel.from_pretrained(
-      model_key, devices=devices, dtype=dtype)
+      model_key, devices=devices, dtype=dtype, recompute=recompute)
 
 
-def answer_loss_sum(model, batch, *, training=False):
+def answer_loss_sum(model, batch, max_labels=None, *, training=False):
   """(sum of the answer tokens' cross-entropy, number of answer tokens).
 
   The logits at position t predict token t + 1, so a label at position t + 1
   is scored by the logits at t. Dropout, when training, is stateless in the
   first example's seed.
+
+  Args:
+    model: the GPT-2.
+    batch: a batch of `make_dataset`.
+    max_labels: the most labels a row can have (`Layout.max_labels`). Labels
+      are contiguous (answer + EOS), so the head then runs on a fixed window
+      of `max_labels` positions per row instead of all of them: the same
+      loss, a fraction of the head's cost, and static shapes for XLA. None
+      scores every position.
+    training: apply dropout.
   """
-  logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+  input_ids = batch["input_ids"]
+  labelled = batch["label_mask"] > 0
+  if max_labels is None:
+    score_positions = None
+    targets = input_ids[:, 1:]
+    scored = labelled[:, 1:]
+  else:
+    first_label = tf.argmax(tf.cast(labelled, tf.int32), axis=1,
+                            output_type=tf.int32)
+    window = first_label[:, None] - 1 + tf.range(max_labels)[None, :]
+    length = tf.shape(input_ids)[1]
+    score_positions = tf.clip_by_value(window, 0, length - 2)
+    targets = tf.gather(input_ids, score_positions + 1, batch_dims=1)
+    # Positions clipped at either end repeat another; only in-range ones count.
+    in_range = (window >= 0) & (window <= length - 2)
+    scored = in_range & tf.gather(labelled, score_positions + 1, batch_dims=1)
+  logits = model(input_ids, attention_mask=batch["attention_mask"],
                  training=training,
-                 dropout_seed=batch["dropout_seed"][0] if training else None)
-  targets = batch["input_ids"][:, 1:]
-  scored = batch["label_mask"][:, 1:] > 0
+                 dropout_seed=batch["dropout_seed"][0] if training else None,
+                 score_positions=score_positions)
+  if max_labels is None:
+    logits = logits[:, :-1]
   losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
-      labels=targets, logits=logits[:, :-1])
+      labels=targets, logits=logits)
   # tf.where, not a product: a non-finite loss on a padded position must not
   # leak into the sum.
   loss_sum = tf.reduce_sum(tf.where(scored, losses, 0.0))

@@ -86,7 +86,7 @@ def main(argv):
 
   train_step = tf_utils.make_train_step(
       strategy, lambda batch: task_specific.answer_loss_sum(
-          model, batch, training=True),
+          model, batch, layout.max_labels, training=True),
       model.trainable_variables, optimizer,
       batch_split=_setting(config, "batch_split", 1))
   for batch in batches[:_WARMUP_BATCHES]:

@@ -113,19 +113,26 @@ def test_report_table_has_the_numbers_of_the_json_files(demo):
     output = demo_layout.generation_path(str(output_dir), run)
     metrics = utils.read_json(os.path.join(os.path.dirname(output),
                                            "kilt_metrics.json"))
-    guesses = kilt_metrics.read_guesses(output)
-    facts = [demo_layout.answer_fact(record["output"][0]["answer"])
-             for record in gold]
-    accuracy = sum(fact in guesses[record["id"]]
-                   for fact, record in zip(facts, gold)) / len(gold)
+    accuracy = demo_layout.fact_accuracy(gold,
+                                         kilt_metrics.read_guesses(output))
     assert cells[4:7] == [f"{metrics['rougeL']:.3f}", f"{metrics['f1']:.3f}",
                           f"{accuracy:.3f}"]
 
 
-def test_answer_fact_strips_the_marker_words_and_the_period():
-  assert demo_layout.answer_fact("in 1597.") == "1597"
-  assert demo_layout.answer_fact("by Trukkos Ramshou.") == "Trukkos Ramshou"
-  assert demo_layout.answer_fact("city of Zendakbrim.") == "Zendakbrim"
+def test_answer_facts_strip_the_marker_words_and_the_period():
+  assert demo_layout.answer_facts(
+      "by Trukkos Ramshou, in 1597, city of Zendakbrim.") == [
+          "Trukkos Ramshou", "1597", "Zendakbrim"]
+  with pytest.raises(ValueError, match="not a demo answer"):
+    demo_layout.answer_facts("in 1597.")
+
+
+def test_fact_accuracy_counts_each_of_the_three_facts():
+  gold = [{"id": "a", "output": [{"answer": "by Ann Bo, in 1500, city of Cy."}]},
+          {"id": "b", "output": [{"answer": "by Dee Ea, in 1600, city of Fu."}]}]
+  predictions = {"a": "by Ann Bo, in 1500, city of Zz.",
+                 "b": "in 1601, by Dee Ea."}
+  assert demo_layout.fact_accuracy(gold, predictions) == 3 / 6
 
 
 @pytest.mark.slow

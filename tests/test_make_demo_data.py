@@ -67,7 +67,7 @@ def _block_emb(config):
 
 
 def _answer_words(answer):
-  """The words of an answer such as "1553." or "Ann Bel, in 1553."."""
+  """The words of an answer such as "1553." or "by Ann Bel, in 1553, city of Cor."."""
   return re.findall(r"\w+", answer)
 
 

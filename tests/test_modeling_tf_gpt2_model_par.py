@@ -115,6 +115,16 @@ def test_left_padding_does_not_change_real_positions(ours):
   np.testing.assert_allclose(padded[2, 6:], alone[0], atol=1e-5, rtol=0)
 
 
+def test_score_positions_gives_the_logits_at_those_positions(ours):
+  ids, mask = _batch()
+  every = ours(ids, attention_mask=mask).numpy()
+  positions = np.array([[0, 8], [3, 5], [8, 8]], np.int32)
+  some = ours(ids, attention_mask=mask, score_positions=positions).numpy()
+  np.testing.assert_allclose(
+      some, np.take_along_axis(every, positions[:, :, None], axis=1),
+      atol=1e-5, rtol=0)
+
+
 def test_pytorch_names_and_bare_model_names_map_to_weights():
   assert gpt2.hf_weight_name("h.3.mlp.c_fc.weight") == (
       "transformer.h.3.mlp.c_fc.weight")

@@ -73,10 +73,10 @@ def test_room_arithmetic_by_hand(world):
 def test_compute_cumul_lengths_notebook(world, tmp_path):
   kilt_path = os.path.join(world, "kilt", "eli5-train-kilt.jsonl")
   tokenizer_dir = os.path.join(world, "tokenizer")
-  # Sizes at which, on this tiny world, some questions are cut and some
-  # fractions fall strictly between 0 and 1.
-  n_positions, max_question_tokens, answer_reserve = 96, 32, 8
-  block_lengths, num_contexts = [4, 8], [1, 2, 3, 4]
+  # Sizes at which, on this tiny world, some fractions fall strictly between
+  # 0 and 1.
+  n_positions, max_question_tokens, answer_reserve = 96, 40, 8
+  block_lengths, num_contexts = [4, 8, 12], [1, 2, 3, 4]
   output_dir = str(tmp_path / "out")
   printed = run_notebook("compute_cumul_lengths.ipynb", {
       "KILT_PATH": kilt_path, "TOKENIZER": tokenizer_dir, "LIMIT": None,

@@ -382,7 +382,11 @@ def test_load_model_fresh_from_a_config_dir_then_from_saved_weights(
     np.testing.assert_array_equal(value.numpy(), weights[name])
 
 
-def test_answer_loss_sums_the_labelled_next_token_losses(fresh_model_dir):
+# None scores every position; 4 is the most labels of a row; 6 makes the
+# window run past the end of row 1, whose labels end the sequence.
+@pytest.mark.parametrize("max_labels", [None, 4, 6])
+def test_answer_loss_sums_the_labelled_next_token_losses(fresh_model_dir,
+                                                         max_labels):
   model = task_specific.load_model(fresh_model_dir)
   rng = np.random.default_rng(0)
   input_ids = rng.integers(1, VOCAB, (3, 16)).astype(np.int32)
@@ -396,7 +400,8 @@ def test_answer_loss_sums_the_labelled_next_token_losses(fresh_model_dir):
            "attention_mask": tf.constant(attention_mask),
            "label_mask": tf.constant(label_mask),
            "dropout_seed": tf.zeros([3, 2], tf.int64)}
-  loss_sum, num_tokens = task_specific.answer_loss_sum(model, batch)
+  loss_sum, num_tokens = task_specific.answer_loss_sum(model, batch,
+                                                       max_labels)
   logits = model(input_ids, attention_mask=attention_mask).numpy()
   log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   expected = -sum(log_probs[b, t - 1, input_ids[b, t]]

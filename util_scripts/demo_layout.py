@@ -32,18 +32,26 @@ def generation_path(out, run):
   return os.path.join(paths(out)["generations"], run, "generations.jsonl")
 
 
-def answer_fact(answer):
-  """The made-up fact a demo answer states: `in 1597.` -> `1597`.
+# make_demo_data.ANSWER_TEMPLATE, "by {person}, in {year}, city of {city}.",
+# as a pattern (importing the entry script would import its flags).
+_ANSWER = re.compile(r"^by (.+), in (\d+), city of (.+)\.$")
 
-  Demo answers (make_demo_data.py's _QUESTION_TEMPLATES) are lower-case marker
-  words (`in`, `by`, `city of`), the fact (a year or capitalised names) and a
-  period.
+
+def answer_facts(answer):
+  """The made-up facts a demo answer states, without the marker words.
+
+  `by Trukkos Ramshou, in 1597, city of Zendakbrim.` ->
+  ["Trukkos Ramshou", "1597", "Zendakbrim"].
   """
-  return re.sub(r"^[a-z ]+", "", answer).rstrip(".")
+  match = _ANSWER.match(answer)
+  if match is None:
+    raise ValueError(f"not a demo answer: {answer!r}")
+  return list(match.groups())
 
 
 def fact_accuracy(gold_records, predictions):
-  """Fraction of questions whose gold fact string is in the generated answer."""
-  hits = [answer_fact(record["output"][0]["answer"]) in
-          predictions[record["id"]] for record in gold_records]
+  """Fraction of the gold facts (three per question) in the generated answers."""
+  hits = [fact in predictions[record["id"]]
+          for record in gold_records
+          for fact in answer_facts(record["output"][0]["answer"])]
   return sum(hits) / len(hits)

@@ -14,7 +14,7 @@ the code paths of a real run:
 
 The world: every question is about an entity (a society, a bridge, ...) made
 up for that question alone, with a made-up founder or builder, city and year.
-Its gold block states those facts; the answer is the asked fact and little
+Its gold block states those facts; the answer states all three facts and little
 else. Because the facts are drawn fresh for every question, a model cannot
 memorise them: it can only answer by reading the retrieved block. Distractor
 blocks about other made-up entities share the style.
@@ -126,9 +126,9 @@ _FIRST_YEAR, _LAST_YEAR = 1100, 1999
 
 # Several phrasings, each stating all three facts in a different order. Each
 # fact follows its own marker word, which appears nowhere else in the block
-# (`in {year}`, `by {person}`, `city of {city}`), and the answer starts with
-# that marker: answering is "find the answer's first word in the block, copy
-# what follows", a pattern a 2-layer GPT-2 learns in a few hundred steps.
+# (`in {year}`, `by {person}`, `city of {city}`), and the answer repeats the
+# markers: answering is "find the marker just written in the block, copy what
+# follows it", the induction pattern a 2-layer GPT-2 can learn.
 _BLOCK_TEMPLATES = (
     "The {name} is {what} from the city of {city}. It was {verb} in {year} "
     "by {person}.",
@@ -139,25 +139,26 @@ _BLOCK_TEMPLATES = (
     "It was in {year} that the {name}, {what} from the city of {city}, was "
     "{verb} by {person}.",
 )
-# Per asked fact: question phrasings and the answer. Answers are a marker word
-# and the fact: every other predictable word would be as easy with or without
-# the context and dilute the perplexity ratio the demo measures (DESIGN.md).
-_QUESTION_TEMPLATES = {
-    "year": (("In what year was the {name} {verb}?", "When was the {name} {verb}?"),
-             "in {year}."),
-    "person": (("Who {verb} the {name}?", "By whom was the {name} {verb}?"),
-               "by {person}."),
-    "city": (("Where is the {name}?", "In which city is the {name}?"),
-             "city of {city}."),
-}
+# Every question asks for all three facts, and the answer states them after
+# their marker words in a fixed order. Answers are marker words and facts:
+# every other predictable word would be as easy with or without the context
+# and dilute the perplexity ratio the demo measures (DESIGN.md). Three facts
+# per answer, not one, triple the tokens that can only be copied from the
+# context: a 2-layer GPT-2 learns to copy after a number of such tokens, not
+# of steps, so this is what makes the demo's few steps enough.
+_QUESTION_TEMPLATES = (
+    "Who {verb} the {name}, when, and where is it?",
+    "When and by whom was the {name} {verb}, and in which city is it?",
+    "Where is the {name}, who {verb} it, and in what year?",
+    "Tell me about the {name}: who {verb} it, when, and where?",
+)
+ANSWER_TEMPLATE = "by {person}, in {year}, city of {city}."
 
 
 def _template_words():
   """The lower-cased words of every fixed template (not the made-up names)."""
-  texts = list(_BLOCK_TEMPLATES) + [w for kind in _KINDS for w in kind]
-  for questions, answer in _QUESTION_TEMPLATES.values():
-    texts.extend(questions)
-    texts.append(answer)
+  texts = (list(_BLOCK_TEMPLATES) + [w for kind in _KINDS for w in kind] +
+           list(_QUESTION_TEMPLATES) + [ANSWER_TEMPLATE])
   words = set()
   for text in texts:
     words.update(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", text.lower())))
@@ -208,12 +209,10 @@ def make_world(seed, num_train, num_validation, num_test,
   for split, size in sizes.items():
     for index in range(size):
       entity = _make_entity(rng, used_names)
-      fact = rng.choice(sorted(_QUESTION_TEMPLATES))
-      phrasings, answer = _QUESTION_TEMPLATES[fact]
       questions[split].append({
           "id": f"demo-{split}-{index:06d}",
-          "input": rng.choice(phrasings).format(**entity),
-          "answer": answer.format(**entity),
+          "input": rng.choice(_QUESTION_TEMPLATES).format(**entity),
+          "answer": ANSWER_TEMPLATE.format(**entity),
           "block_id": len(entities),  # The entity's index until the shuffle.
       })
       entities.append(entity)
@@ -343,12 +342,18 @@ class ToyRealmEmbedder(tf.Module):
 
 
 def inverse_document_frequencies(block_input_ids, block_mask, vocab_size):
-  """log(N / df) per wordpiece over the blocks; 0 for the special tokens."""
+  """log(N / df) per wordpiece over the blocks; 0 for the special tokens.
+
+  A wordpiece in no block (a question word such as `who`) is also 0: it
+  matches nothing, and at the largest weight it would only add noise to the
+  question's embedding through the random projection.
+  """
   num_blocks = block_input_ids.shape[0]
   document_frequency = np.zeros(vocab_size, np.int64)
   for ids, mask in zip(block_input_ids, block_mask):
     document_frequency[np.unique(ids[mask.astype(bool)])] += 1
-  idf = np.log(num_blocks / np.maximum(document_frequency, 1))
+  idf = np.where(document_frequency > 0,
+                 np.log(num_blocks / np.maximum(document_frequency, 1)), 0.0)
   idf[:5] = 0.0  # [PAD], [UNK], [CLS], [SEP], [MASK] carry no content.
   return idf.astype(np.float32)
 

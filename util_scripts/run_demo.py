@@ -320,8 +320,8 @@ def write_report(out, times):
       f"{world.get('num_validation')} validation questions, embedder "
       f"recall@5 {world.get('recall_at_5')}. Answer perplexities are over the "
       f"held-out ({demo_layout.EVAL_SPLIT}) answers; generations are greedy, scored with "
-      "KILT's metrics; fact accuracy is the fraction of answers that contain "
-      "the gold fact.", "",
+      "KILT's metrics; fact accuracy is the fraction of the gold facts (three "
+      "per question: person, year, city) found verbatim in the answers.", "",
       results_table(results, times),
       "Does the retrieval model read its contexts?", "",
       *acceptance_lines(results), "",
