@@ -234,8 +234,6 @@ def _provenance_titles(data_config, manifest):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise utils.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   output_path = _FLAG_OUTPUT_PATH.value
   if not output_path:
     raise utils.UserError("--output_path is required (the generations .jsonl)")

@@ -134,4 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  utils.run(main, takes_arguments=True)

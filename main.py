@@ -580,8 +580,6 @@ def evaluate_ablation():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise utils.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _FLAG_TASK.value == "train":
     train()
   else:

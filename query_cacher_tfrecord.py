@@ -345,8 +345,6 @@ def _search_description():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise utils.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   _required(retriever_config_path=_FLAG_RETRIEVER_CONFIG_PATH.value,
             dataset_root=_FLAG_DATASET_ROOT.value,
             output_dir=_FLAG_OUTPUT_DIR.value)

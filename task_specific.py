@@ -490,26 +490,23 @@ def answer_loss_sum(model, batch, max_labels=None, *, training=False):
   """
   input_ids = batch["input_ids"]
   labelled = batch["label_mask"] > 0
+  length = tf.shape(input_ids)[1]
   if max_labels is None:
-    score_positions = None
-    targets = input_ids[:, 1:]
-    scored = labelled[:, 1:]
+    window = tf.broadcast_to(tf.range(length - 1),
+                             [tf.shape(input_ids)[0], length - 1])
   else:
     first_label = tf.argmax(tf.cast(labelled, tf.int32), axis=1,
                             output_type=tf.int32)
     window = first_label[:, None] - 1 + tf.range(max_labels)[None, :]
-    length = tf.shape(input_ids)[1]
-    score_positions = tf.clip_by_value(window, 0, length - 2)
-    targets = tf.gather(input_ids, score_positions + 1, batch_dims=1)
-    # Positions clipped at either end repeat another; only in-range ones count.
-    in_range = (window >= 0) & (window <= length - 2)
-    scored = in_range & tf.gather(labelled, score_positions + 1, batch_dims=1)
+  score_positions = tf.clip_by_value(window, 0, length - 2)
+  targets = tf.gather(input_ids, score_positions + 1, batch_dims=1)
+  # Positions clipped at either end repeat another; only in-range ones count.
+  in_range = (window >= 0) & (window <= length - 2)
+  scored = in_range & tf.gather(labelled, score_positions + 1, batch_dims=1)
   logits = model(input_ids, attention_mask=batch["attention_mask"],
                  training=training,
                  dropout_seed=batch["dropout_seed"][0] if training else None,
                  score_positions=score_positions)
-  if max_labels is None:
-    logits = logits[:, :-1]
   losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
       labels=targets, logits=logits)
   # tf.where, not a product: a non-finite loss on a padded position must not

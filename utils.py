@@ -21,11 +21,17 @@ class UserError(Exception):
   """A problem with the user's input: reported as one line, no traceback."""
 
 
-def run(main):
-  """`absl.app.run(main)`, with `UserError` reported as one line and exit 2."""
+def run(main, takes_arguments=False):
+  """`absl.app.run(main)`, with `UserError` reported as one line and exit 2.
+
+  Positional arguments (a misspelt flag, a stray word) are refused unless the
+  script `takes_arguments`.
+  """
 
   def guarded_main(argv):
     try:
+      if len(argv) > 1 and not takes_arguments:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
       return main(argv)
     except UserError as error:
       print(f"error: {error}", file=sys.stderr, flush=True)

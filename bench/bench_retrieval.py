@@ -349,8 +349,6 @@ def bench_cacher_memory(work_dir, text_gb, block_bytes, seed):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise utils.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   parts = _FLAG_PARTS.value
   if not parts or set(parts) - {"a", "b", "c"}:
     raise utils.UserError(f"--parts={','.join(parts)}: expected some of a,b,c")

@@ -114,8 +114,6 @@ def format_table(counts, splits=None):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise utils.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if bool(_FLAG_PATHS.value) == bool(_FLAG_CACHE_DIR.value):
     raise utils.UserError(
         "give exactly one of --paths (TFRecord files or globs) and "

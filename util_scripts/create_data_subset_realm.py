@@ -124,8 +124,6 @@ def create_subset(retriever_config_path, num_blocks, output_dir, seed):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise utils.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   for name, value in (("retriever_config_path",
                        _FLAG_RETRIEVER_CONFIG_PATH.value),
                       ("num_blocks", _FLAG_NUM_BLOCKS.value),

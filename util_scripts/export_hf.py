@@ -54,8 +54,6 @@ def export(run_dir, output_dir, tokenizer_key=None):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise utils.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _FLAG_RUN_DIR.value:
     raise utils.UserError("--run_dir is required (a main.py run directory)")
   if not _FLAG_OUTPUT_DIR.value:

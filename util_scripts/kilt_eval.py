@@ -38,8 +38,6 @@ _FLAG_BASELINES_SEED = flags.DEFINE_integer(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise utils.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _FLAG_GOLD.value:
     raise utils.UserError("--gold is required (a KILT jsonl with answers)")
   if not _FLAG_GUESS.value:

@@ -541,8 +541,6 @@ def build_world(output_dir, *, seed=0, num_train=30000, num_validation=400,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise utils.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _FLAG_OUTPUT_DIR.value:
     raise utils.UserError("--output_dir is required: where to write the world")
   start = time.time()

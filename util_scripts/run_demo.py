@@ -333,8 +333,6 @@ def write_report(out, times):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise utils.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   out = os.path.abspath(_FLAG_OUTPUT_DIR.value)
   os.makedirs(out, exist_ok=True)
   times = run_stages(out)

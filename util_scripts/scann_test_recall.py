@@ -173,8 +173,6 @@ def database_and_queries():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise utils.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _FLAG_OUTPUT_PATH.value:
     raise utils.UserError("--output_path is required: where to write the "
                           "results as JSON")
