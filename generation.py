@@ -11,8 +11,11 @@ question of the cached split out exactly as training does, up to and including
 e.g. from util_scripts/export_hf.py) with --cache_dir and the layout flags.
 
 Writes OUT/generations.jsonl, one line per question in the cache's order:
-{"id", "input", "output": [{"answer", "provenance": [{"title", "block_id"}]}]}
-(provenance: the blocks whose text is in the prompt), and
+{"id", "input", "output": [{"answer", "provenance": [{"wikipedia_id",
+"title", "block_id", "score"}]}]} (provenance: the blocks whose text is in the
+prompt, in the order drawn, with their cached retrieval scores; `title` from
+the block store's titles file, `wikipedia_id` through --kilt_title_map, which
+KILT's R-precision, recall@5 and KILT-* scores need), and
 OUT/generation_config.json (everything that decides the output). Batches are
 appended to OUT/generations.jsonl.partial as they finish; rerunning the same
 command after a kill continues from the last whole batch, and the finished
@@ -71,7 +74,19 @@ _FLAG_BATCH_SIZE = flags.DEFINE_integer(
     "of the number of replicas).")
 _FLAG_BLOCKS_PATH = flags.DEFINE_string(
     "blocks_path", None,
-    "blocks.tfr for the provenance titles. Default: the cache manifest's.")
+    "blocks.tfr of the cache's blocks (the block store the provenance titles "
+    "are read through). Default: the cache manifest's.")
+_FLAG_TITLES_PATH = flags.DEFINE_string(
+    "titles_path", None,
+    "titles.tfr (record i: the page title of block i) for the provenance "
+    "titles. Default: the cache manifest's titles_path; without one, "
+    "provenance has no titles.")
+_FLAG_KILT_TITLE_MAP = flags.DEFINE_string(
+    "kilt_title_map", None,
+    "Title -> wikipedia_id JSON map (util_scripts/kilt_title_map.py): gives "
+    "each provenance entry KILT's wikipedia_id, which KILT's R-precision, "
+    "recall@5 and KILT-* scores need. Needs block titles (--titles_path or "
+    "the manifest's).")
 
 _FLAG_APPROACH_TYPE = flags.DEFINE_enum(
     "approach_type", None, list(generation_lib.APPROACHES),
@@ -223,13 +238,18 @@ def _layout_values(run_flags):
           for name, value in given.items()}
 
 
-def _provenance_titles(data_config, manifest):
-  """fn(block id) -> title, or None for prompts without contexts."""
+def _block_titles(data_config, manifest, titles_path, title_map):
+  """fn(block id) -> title or None; None for prompts without contexts."""
+  if title_map is not None and not titles_path:
+    raise utils.UserError(
+        "--kilt_title_map: the provenance needs block titles to map, but the "
+        "cache's manifest has no titles_path; give --titles_path (REALM's "
+        "titles.tfr)")
   if data_config.approach == "naked_lm":
     return None
   blocks = retrievers.BlockStore(
       _FLAG_BLOCKS_PATH.value or manifest["blocks_path"],
-      manifest["num_blocks"])
+      manifest["num_blocks"], titles_path=titles_path)
   return blocks.title
 
 
@@ -248,6 +268,8 @@ def main(argv):
       raise utils.UserError("--evaluate needs --gold_path (a KILT jsonl with "
                             "answers, e.g. eli5-dev-kilt.jsonl)")
     gold_records = kilt_metrics.read_gold(_FLAG_GOLD_PATH.value)
+  title_map = (kilt_metrics.read_title_map(_FLAG_KILT_TITLE_MAP.value)
+               if _FLAG_KILT_TITLE_MAP.value else None)
 
   strategy = tf_utils.strategy_from_flags()
   if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -281,7 +303,8 @@ def main(argv):
                                       model.config.n_positions)
   decoding = generation_lib.resolve_max_new_tokens(
       decoding, layout, model.config.n_positions)
-  titles = _provenance_titles(data_config, manifest)
+  titles_path = _FLAG_TITLES_PATH.value or manifest.get("titles_path")
+  titles = _block_titles(data_config, manifest, titles_path, title_map)
 
   prompts = generation_lib.read_prompts(
       neighbour_cache.split_files(cache_dir, manifest, _FLAG_SPLIT.value),
@@ -303,6 +326,8 @@ def main(argv):
       "prompt_length": generation_lib.prompt_length(layout),
       "decoding": vars(decoding),
       "batch_size": batch_size, "num_replicas": num_replicas,
+      "titles_path": titles_path,
+      "kilt_title_map": _FLAG_KILT_TITLE_MAP.value,
   }
   if generation_lib.prepare_output(output_path, config):
     print(f"{output_path}: already complete", flush=True)
@@ -314,13 +339,12 @@ def main(argv):
       lines = []
       for example_index, example_tokens in zip(range(rows.start, rows.stop),
                                                tokens):
-        block_ids = [int(b) for b in prompts["block_ids"][example_index]
-                     if b >= 0]
         record = generation_lib.kilt_record(
             prompts["id"][example_index], prompts["question"][example_index],
             generation_lib.answer_text(tokenizer, example_tokens,
                                        tokenizer.eos_token_id),
-            [(block_id, titles(block_id)) for block_id in block_ids])
+            generation_lib.prompt_provenance(prompts, example_index, titles,
+                                             title_map))
         lines.append(json.dumps(record) + "\n")
       return "".join(lines)
 
@@ -330,6 +354,14 @@ def main(argv):
                                        generate_batch, format_batch, bar)
     print(f"wrote {len(prompts['id'])} generations to {output_path}; "
           f"{truncation}", flush=True)
+  if title_map is not None:
+    # Counted over the whole file, batches of an earlier, resumed run too.
+    warning = kilt_metrics.unmapped_title_warning(
+        [output.get("provenance", []) for output in
+         kilt_metrics.read_guess_outputs(output_path).values()],
+        _FLAG_KILT_TITLE_MAP.value)
+    if warning:
+      print(warning, file=sys.stderr, flush=True)
 
   if gold_records is not None:
     metrics = generation_lib.evaluate_output(

@@ -230,6 +230,8 @@ def make_prompt_fn(config, layout):
         "attention_mask": tf.cast(tf.range(length) >= padding, tf.int32),
         "block_ids": tf.where(
             in_prompt, tf.gather(example["neighbour_block_ids"], indices), -1),
+        # The cached retrieval scores of those blocks, for their provenance.
+        "block_scores": tf.gather(example["neighbour_scores"], indices),
         "question_cut": count(tf.size(example["question_ids"]) >
                               layout.max_question_tokens),
         "contexts_cut_to_max": count(
@@ -251,7 +253,8 @@ def read_prompts(files, config, layout, max_examples=0):
   Returns:
     A dict of numpy arrays, one row per example: `id`, `question` (str),
     `input_ids` and `attention_mask` int32 [N, prompt_length(layout)],
-    `block_ids` int64 [N, k] (-1: no room in the prompt), and the
+    `block_ids` int64 [N, k] (-1: no room in the prompt), `block_scores`
+    float32 [N, k] (the drawn neighbours' cached scores), and the
     TRUNCATION_COUNTS per example.
   """
   dataset = tf.data.TFRecordDataset(files).map(neighbour_cache.parse_example)
@@ -422,11 +425,19 @@ def answer_text(tokenizer, tokens, eos_id):
 
 
 def kilt_record(example_id, question, answer, provenance):
-  """One line of KILT's format; provenance: [(block id, title)] of the prompt."""
-  return {"id": example_id, "input": question, "output": [{
-      "answer": answer,
-      "provenance": [{"title": title, "block_id": block_id}
-                     for block_id, title in provenance]}]}
+  """One line of KILT's format; provenance: the prompt's blocks, as
+  `kilt_metrics.block_provenance` writes them."""
+  return {"id": example_id, "input": question,
+          "output": [{"answer": answer, "provenance": provenance}]}
+
+
+def prompt_provenance(prompts, example_index, title_of_block, title_map):
+  """KILT provenance of the blocks in one prompt, in the order drawn."""
+  in_prompt = prompts["block_ids"][example_index] >= 0
+  return kilt_metrics.block_provenance(
+      prompts["block_ids"][example_index][in_prompt],
+      prompts["block_scores"][example_index][in_prompt], title_of_block,
+      title_map)
 
 
 # ---------------------------------------------------------------------------
@@ -562,12 +573,12 @@ def evaluate_output(gold_records, gold_path, output_path):
   Generations may cover part of the gold file (`--max_examples`); each of
   their ids must be in it.
   """
-  predictions = kilt_metrics.read_guesses(output_path)
+  outputs = kilt_metrics.read_guess_outputs(output_path)
   # KILT matches ids as str(id).strip().
   scored = [record for record in gold_records
-            if str(record["id"]).strip() in predictions]
-  kilt_metrics.check_ids(scored, predictions, gold_path, output_path)
-  metrics = kilt_metrics.corpus_metrics(scored, predictions)
+            if str(record["id"]).strip() in outputs]
+  kilt_metrics.check_ids(scored, outputs, gold_path, output_path)
+  metrics = kilt_metrics.score_outputs(scored, outputs)
   metrics.update(gold_path=gold_path, guess_path=output_path,
                  num_gold_records=len(gold_records))
   logging.info("scored %d of the %d questions of %s", len(scored),

@@ -1,9 +1,9 @@
-"""KILT's downstream answer metrics, computed exactly as KILT computes them.
+"""KILT's metrics, computed exactly as KILT computes them; KILT provenance of retrieved blocks.
 
-Follows `kilt/eval_downstream.py` of facebookresearch/KILT: `normalize_answer`,
-`_exact_match_score`, `_f1_score`, `_rougel_score`,
-`_metric_max_over_ground_truths`, `get_gold_answers`, `validate_input` and
-`_calculate_metrics`:
+Answer metrics follow `kilt/eval_downstream.py` of facebookresearch/KILT
+(`normalize_answer`, `_exact_match_score`, `_f1_score`, `_rougel_score`,
+`_metric_max_over_ground_truths`, `get_gold_answers`, `validate_input`,
+`_calculate_metrics`):
 
 - gold answers: the set of stripped, non-empty `output[*].answer` strings;
 - the guess: `output[0].answer`, stripped; an empty guess scores 0 on every
@@ -16,9 +16,47 @@ Follows `kilt/eval_downstream.py` of facebookresearch/KILT: `normalize_answer`,
 - each metric is the maximum over the gold answers, then the plain mean over
   all gold ids (guesses are aligned to the gold file's ids, in its order).
 
+Retrieval metrics follow `kilt/eval_retrieval.py` with its defaults
+(`--rank_keys=wikipedia_id`, `--ks=1,5,10,20`); provenance is matched by
+page, on `wikipedia_id` compared as `str(id).strip()`:
+
+- the guess's pages: the `wikipedia_id`s of `output[0].provenance` in order,
+  repeats dropped; entries without `wikipedia_id` are skipped;
+- R-precision: for each gold output, its R distinct pages (R = 0 without
+  provenance, scoring 0); the fraction of the guess's first R pages among
+  them; the maximum over the gold outputs;
+- evidence sets: the distinct page sets of the gold outputs that have a
+  `provenance` key (an entry without `wikipedia_id` counts as the page "",
+  an empty list as an empty set that no guess completes);
+- the rank (KILT's `get_rank`): walking the guess's pages, a page in no set
+  adds False; a page that completes a set adds True; a page that advances a
+  set without completing it moves the set's placeholder to the end;
+  precision@k = Trues in the first k / k, recall@k = Trues in the first k /
+  number of sets, success_rate@k = any True in the first k (all 0 without
+  sets or without guessed pages; recall and success rate only for k > 1);
+- answer_in_context@k, answer_and_ent_in_context@k, entity_in_context@k look
+  at the `text` of the first k provenance entries (ours carry none, so 0),
+  entity_in_input at the gold titles in the question;
+- `rprec` and `recall@5` are what `eval_downstream.py` reports; the whole of
+  `eval_retrieval.py`'s report is under `retrieval`, by KILT's names.
+
+KILT-RL, KILT-F1, KILT-EM and KILT-accuracy: a guess's ROUGE-L, F1, EM and
+accuracy counted only where its R-precision is exactly 1, averaged over all
+gold ids.
+
 Where KILT would stop on an assertion (missing, duplicate or unknown ids, a
-guess without exactly one answer, a gold record without answers), this module
-raises `utils.UserError` naming the file, the line and the id.
+guess without exactly one answer, a gold record without answers) or crash (a
+provenance that is not a list of objects, a title or text that is not a
+string), this module raises `utils.UserError` naming the file, the line and
+the id.
+
+KILT names pages by `wikipedia_id`; REALM's blocks carry only a page title.
+`title_map_from_knowledge_source` streams KILT's knowledge source
+(`kilt_knowledgesource.json`) into a title -> wikipedia_id map, matching
+titles exactly and keeping a title's first page, as KILT's
+`KnowledgeSource.get_page_by_title` does (`find_one({"wikipedia_title":
+title})` over the file imported in order); `block_provenance` turns
+retrieved blocks into KILT provenance with it.
 
 Also: the calibration baselines of Krishna et al. 2021 ("Hurdles to Progress
 in Long-form Question Answering"), as their `generate_final_guess_bounds.py`
@@ -36,9 +74,15 @@ import rouge
 import tensorflow as tf
 from tqdm import tqdm
 
+import neighbour_cache
 import utils
 
 METRIC_NAMES = ("rougeL", "f1", "em", "accuracy")
+# eval_retrieval.py's defaults: pages matched on this key, cut-offs reported.
+RANK_KEY = "wikipedia_id"
+RETRIEVAL_KS = (1, 5, 10, 20)
+# The fields of a knowledge-source page that the title map needs.
+KNOWLEDGE_SOURCE_FIELDS = ("wikipedia_id", "wikipedia_title")
 # Krishna et al.'s `copy_input` bound joins five copies of the question.
 COPY_INPUT_REPEATS = 5
 
@@ -99,6 +143,13 @@ def gold_answers(record):
   }
 
 
+def gold_titles(record):
+  """The set of stripped, non-empty provenance titles of a gold record."""
+  return {entry["title"].strip() for output in record["output"]
+          for entry in output.get("provenance", [])
+          if entry.get("title") and entry["title"].strip()}
+
+
 def score_answer(prediction, answers):
   """Per-example metrics of one guess against its gold answers.
 
@@ -121,31 +172,214 @@ def score_answer(prediction, answers):
   }
 
 
-def corpus_metrics(gold_records, predictions, description="scoring"):
-  """KILT's corpus-level metrics: per-example maxima averaged over gold ids.
+# ---------------------------------------------------------------------------
+# Retrieval: provenance matched by page, as eval_retrieval.py does
+# ---------------------------------------------------------------------------
+
+
+def _page_id(value):
+  # KILT compares ids as `str(id).strip()`.
+  return str(value).strip()
+
+
+def provenance_pages(provenance):
+  """The distinct `wikipedia_id`s of a provenance list, in order."""
+  pages = []
+  for entry in provenance:
+    if RANK_KEY in entry:
+      page = _page_id(entry[RANK_KEY])
+      if page not in pages:
+        pages.append(page)
+  return pages
+
+
+def gold_pages(record):
+  """Per gold output, its distinct pages ([] for one without provenance)."""
+  return [provenance_pages(output.get("provenance", []))
+          for output in record["output"]]
+
+
+def evidence_sets(record):
+  """The distinct page sets of the gold outputs that have provenance."""
+  sets = []
+  for output in record["output"]:
+    if "provenance" in output:
+      # An entry without the rank key joins no key values: the page "".
+      evidence = {_page_id(entry[RANK_KEY]) if RANK_KEY in entry else ""
+                  for entry in output["provenance"]}
+      if evidence not in sets:
+        sets.append(evidence)
+  return sets
+
+
+def r_precision(pages, pages_per_output):
+  """The best, over the gold outputs, of the share of the first R guessed
+  pages among the output's R pages (0 where R = 0)."""
+  best = 0.0
+  for gold in pages_per_output:
+    if gold:
+      best = max(best, sum(page in gold for page in pages[:len(gold)]) /
+                 len(gold))
+  return best
+
+
+def evidence_rank(pages, sets):
+  """KILT's rank of guessed pages against evidence sets (`get_rank`).
+
+  Returns a list of True (the page completed a set), False (the page is in
+  no set) and placeholders of sets it advanced but did not complete; a set's
+  placeholder moves to the page that last advanced it.
+  """
+  remaining = [set(evidence) for evidence in sets]
+  rank = []
+  for page in pages:
+    found = False
+    for index, evidence in enumerate(remaining):
+      if page in evidence:
+        found = True
+        # A tuple, never equal to True, so that `count(True)` counts only
+        # completed sets.
+        placeholder = ("evidence set", index)
+        if placeholder in rank:
+          rank.remove(placeholder)
+        evidence.remove(page)
+        rank.append(placeholder if evidence else True)
+    if not found:
+      rank.append(False)
+  return rank
+
+
+def _contains_any(text, phrases):
+  return any(normalize_answer(phrase) in text for phrase in phrases)
+
+
+def retrieval_metrics(provenance, record, ks=RETRIEVAL_KS):
+  """eval_retrieval.py's per-example metrics of one guess's provenance.
+
+  Args:
+    provenance: the guess's `output[0].provenance` ([] when it has none).
+    record: the gold record.
+    ks: the cut-offs, positive.
+
+  Returns:
+    A dict by KILT's names: `Rprec`, `entity_in_input`, and per k
+    `precision@k`, `answer_in_context@k`, `answer_and_ent_in_context@k`,
+    `entity_in_context@k`, and for k > 1 `recall@k`, `success_rate@k`.
+  """
+  pages = provenance_pages(provenance)
+  sets = evidence_sets(record) if pages else []
+  rank = evidence_rank(pages, sets)
+  answers = gold_answers(record)
+  titles = gold_titles(record)
+  metrics = {
+      "Rprec": r_precision(pages, gold_pages(record)),
+      "entity_in_input": float(_contains_any(
+          normalize_answer(record["input"]), titles)),
+  }
+  for k in ks:
+    completed = rank[:k].count(True)
+    texts = [normalize_answer(entry["text"]) for entry in provenance[:k]
+             if "text" in entry]
+    metrics[f"precision@{k}"] = completed / k if sets else 0.0
+    metrics[f"answer_in_context@{k}"] = float(any(
+        _contains_any(text, answers) for text in texts))
+    metrics[f"answer_and_ent_in_context@{k}"] = float(any(
+        _contains_any(text, answers) and _contains_any(text, titles)
+        for text in texts))
+    metrics[f"entity_in_context@{k}"] = float(any(
+        _contains_any(text, titles) for text in texts))
+    if k > 1:
+      metrics[f"recall@{k}"] = completed / len(sets) if sets else 0.0
+      metrics[f"success_rate@{k}"] = float(completed > 0)
+  return metrics
+
+
+def _retrieval_summary(per_example, provenance_lists):
+  """Means of per-example retrieval metrics (`rprec`, `recall@5`, `retrieval`)
+  and the number of guesses naming no page."""
+  count = len(per_example)
+  means = {name: sum(metrics[name] for metrics in per_example) / count
+           for name in per_example[0]} if count else {}
+  return {
+      "rprec": means.get("Rprec", 0.0),
+      "recall@5": means.get("recall@5", 0.0),
+      "retrieval": means,
+      "num_without_provenance": sum(
+          not provenance_pages(entries) for entries in provenance_lists),
+  }
+
+
+def corpus_retrieval_metrics(gold_records, provenance):
+  """Retrieval metrics alone, for {id: provenance list} (a retriever's)."""
+  provenance_lists = [provenance.get(_record_id(record)) or []
+                      for record in gold_records]
+  result = _retrieval_summary(
+      [retrieval_metrics(entries, record)
+       for entries, record in zip(provenance_lists, gold_records)],
+      provenance_lists)
+  result["num_examples"] = len(gold_records)
+  return result
+
+
+def corpus_metrics(gold_records, predictions, provenance=None,
+                   description="scoring"):
+  """KILT's corpus-level metrics: per-example values averaged over gold ids.
 
   Args:
     gold_records: KILT records with answers, each with a unique `id`.
     predictions: {id: guess answer string}, one per gold id.
+    provenance: {id: the guess's provenance list}; a missing id (or no
+      dict) is a guess without provenance.
     description: label of the progress bar.
 
   Returns:
-    {"rougeL", "f1", "em", "accuracy"} as fractions in [0, 1], plus
-    `num_examples` and `num_empty_predictions`.
+    As fractions in [0, 1]: `rougeL`, `f1`, `em`, `accuracy`, their KILT-*
+    variants `kilt_rougeL`, `kilt_f1`, `kilt_em`, `kilt_accuracy`, `rprec`,
+    `recall@5` and `retrieval` (eval_retrieval.py's report at its default
+    ks); counts `num_examples`, `num_empty_predictions` and
+    `num_without_provenance` (guesses naming no wikipedia_id).
   """
+  provenance = provenance or {}
   totals = {name: 0.0 for name in METRIC_NAMES}
+  kilt_totals = {name: 0.0 for name in METRIC_NAMES}
+  per_example = []
+  provenance_lists = []
   num_empty = 0
   for record in tqdm(gold_records, desc=description, unit="example",
                      disable=len(gold_records) < 100):
-    prediction = predictions[_record_id(record)].strip()
+    record_id = _record_id(record)
+    prediction = predictions[record_id].strip()
     num_empty += not prediction
+    entries = provenance.get(record_id) or []
+    provenance_lists.append(entries)
+    retrieval = retrieval_metrics(entries, record)
+    per_example.append(retrieval)
     for name, value in score_answer(prediction, gold_answers(record)).items():
       totals[name] += value
+      if retrieval["Rprec"] == 1:
+        kilt_totals[name] += value
   count = len(gold_records)
   metrics = {name: total / count if count else 0.0
              for name, total in totals.items()}
+  metrics.update({f"kilt_{name}": total / count if count else 0.0
+                  for name, total in kilt_totals.items()})
+  metrics.update(_retrieval_summary(per_example, provenance_lists))
   metrics.update(num_examples=count, num_empty_predictions=num_empty)
   return metrics
+
+
+def score_outputs(gold_records, outputs):
+  """`corpus_metrics` of `read_guess_outputs`' {id: output}."""
+  return corpus_metrics(
+      gold_records,
+      {record_id: output["answer"] for record_id, output in outputs.items()},
+      {record_id: output.get("provenance")
+       for record_id, output in outputs.items()})
+
+
+# ---------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------
 
 
 def _record_id(record):
@@ -180,6 +414,37 @@ def read_jsonl(path, what):
   return records
 
 
+def _is_page_id(value):
+  # KILT's ids are strings (its validator also lets None through); an int is
+  # the same id once KILT applies str().
+  return value is None or isinstance(value, str) or (
+      isinstance(value, int) and not isinstance(value, bool))
+
+
+def _check_provenance(provenance, where):
+  """A UserError unless `provenance` is a list of KILT provenance objects."""
+  if not isinstance(provenance, list):
+    raise utils.UserError(
+        f"{where}: 'provenance' is {type(provenance).__name__}, expected a "
+        "list of {\"wikipedia_id\": ..., \"title\": ...} objects")
+  for index, entry in enumerate(provenance):
+    if not isinstance(entry, dict):
+      raise utils.UserError(
+          f"{where}: provenance[{index}] is {type(entry).__name__}, expected "
+          "an object {\"wikipedia_id\": ..., \"title\": ...}")
+    if RANK_KEY in entry and not _is_page_id(entry[RANK_KEY]):
+      raise utils.UserError(
+          f"{where}: provenance[{index}].wikipedia_id is "
+          f"{entry[RANK_KEY]!r}, expected a string (KILT's page id)")
+    for field, allow_null in (("title", True), ("text", False)):
+      value = entry.get(field)
+      if field in entry and not (isinstance(value, str) or
+                                 (allow_null and value is None)):
+        raise utils.UserError(
+            f"{where}: provenance[{index}].{field} is {value!r}, expected a "
+            "string")
+
+
 def read_gold(path):
   """KILT gold records, each with an `id` and at least one answer."""
   records = []
@@ -192,24 +457,37 @@ def read_gold(path):
       raise utils.UserError(
           f"{path}: line {line_number}: id {record_id!r} appears twice")
     seen.add(record_id)
+    where = f"{path}: line {line_number} (id {record_id!r})"
     if not isinstance(record.get("input"), str):
+      raise utils.UserError(f"{where}: no 'input' string (the question)")
+    outputs = record.get("output", [])
+    if not isinstance(outputs, list) or not all(
+        isinstance(output, dict) for output in outputs):
       raise utils.UserError(
-          f"{path}: line {line_number} (id {record_id!r}): no 'input' string "
-          "(the question)")
+          f"{where}: 'output' must be a list of objects "
+          "({\"answer\": ...} or {\"provenance\": [...]})")
+    for output in outputs:
+      if output.get("answer") is not None and not isinstance(
+          output["answer"], str):
+        raise utils.UserError(
+            f"{where}: answer {output['answer']!r}, expected a string")
+      if "provenance" in output:
+        _check_provenance(output["provenance"], where)
     if not gold_answers(record):
       raise utils.UserError(
-          f"{path}: line {line_number} (id {record_id!r}) has no gold answer; "
-          "the gold file must be a split with answers (the test split "
-          "eli5-test_without_answers-kilt.jsonl cannot be scored locally)")
+          f"{where} has no gold answer; the gold file must be a split with "
+          "answers (the test split eli5-test_without_answers-kilt.jsonl "
+          "cannot be scored locally)")
     records.append(record)
   if not records:
     raise utils.UserError(f"{path}: no records")
   return records
 
 
-def read_guesses(path):
-  """{id: answer} of a KILT-format guess file (one answer per line)."""
-  predictions = {}
+def read_guess_outputs(path):
+  """{id: output} of a KILT-format guess file: one {"answer", "provenance"?}
+  per line, the provenance (when there) a list of objects."""
+  outputs = {}
   for line_number, record in read_jsonl(path, "guess file"):
     missing = [field for field in ("id", "output") if field not in record]
     if missing:
@@ -224,11 +502,20 @@ def read_guesses(path):
       raise utils.UserError(
           f"{path}: line {line_number} (id {record_id!r}): 'output' must hold "
           "exactly one {\"answer\": string}, as KILT requires")
-    if record_id in predictions:
+    if "provenance" in output[0]:
+      _check_provenance(output[0]["provenance"],
+                        f"{path}: line {line_number} (id {record_id!r})")
+    if record_id in outputs:
       raise utils.UserError(
           f"{path}: line {line_number}: id {record_id!r} appears twice")
-    predictions[record_id] = output[0]["answer"]
-  return predictions
+    outputs[record_id] = output[0]
+  return outputs
+
+
+def read_guesses(path):
+  """{id: answer} of a KILT-format guess file (one answer per line)."""
+  return {record_id: output["answer"]
+          for record_id, output in read_guess_outputs(path).items()}
 
 
 def check_ids(gold_records, predictions, gold_path, guess_path):
@@ -244,6 +531,150 @@ def check_ids(gold_records, predictions, gold_path, guess_path):
     raise utils.UserError(
         f"{guess_path}: {len(unknown)} ids are not in {gold_path} (first: "
         f"{unknown[0]!r}); is the guess file for another split?")
+
+
+# ---------------------------------------------------------------------------
+# KILT pages of REALM blocks: the title map and block provenance
+# ---------------------------------------------------------------------------
+
+
+def title_map_from_knowledge_source(path):
+  """Streams KILT's knowledge source into {wikipedia_title: wikipedia_id}.
+
+  One JSON page a line (`_id`, `wikipedia_id`, `wikipedia_title`, `text`,
+  ...), read line by line (the real file is 35 GB), with a progress bar over
+  its bytes. Titles match exactly; a title's first page is kept, as KILT's
+  `get_page_by_title` (`find_one`) returns it.
+
+  Returns:
+    (title_map, counts): `num_pages`, `num_titles`, `num_duplicate_titles`
+    (pages whose title an earlier page has) and `num_conflicting_duplicates`
+    (those of them with another wikipedia_id).
+  """
+  if not tf.io.gfile.exists(path):
+    raise utils.UserError(f"knowledge source {path} does not exist")
+  title_map = {}
+  num_pages = num_duplicates = num_conflicting = 0
+  with tf.io.gfile.GFile(path, "rb") as f, tqdm(
+      total=tf.io.gfile.stat(path).length, desc="knowledge source", unit="B",
+      unit_scale=True, mininterval=2.0) as progress:
+    for line_number, line in enumerate(f, start=1):
+      progress.update(len(line))
+      if not line.strip():
+        continue
+      try:
+        page = json.loads(line)
+      except ValueError as error:  # JSONDecodeError or not UTF-8.
+        raise utils.UserError(
+            f"{path}: line {line_number}: malformed JSON "
+            f"({str(error).splitlines()[0]}), expected one KILT page object "
+            "a line") from None
+      missing = ([field for field in KNOWLEDGE_SOURCE_FIELDS
+                  if field not in page] if isinstance(page, dict)
+                 else list(KNOWLEDGE_SOURCE_FIELDS))
+      if missing:
+        raise utils.UserError(
+            f"{path}: line {line_number}: no {' or '.join(map(repr, missing))}"
+            " field, expected a KILT page object with 'wikipedia_id' and "
+            "'wikipedia_title'")
+      title, page_id = page["wikipedia_title"], page["wikipedia_id"]
+      if not isinstance(title, str) or not isinstance(page_id, str):
+        raise utils.UserError(
+            f"{path}: line {line_number}: wikipedia_title {title!r} and "
+            f"wikipedia_id {page_id!r}, expected two strings")
+      num_pages += 1
+      if title in title_map:
+        num_duplicates += 1
+        num_conflicting += title_map[title] != page_id
+      else:
+        title_map[title] = page_id
+  if not num_pages:
+    raise utils.UserError(f"{path}: no pages, expected KILT's knowledge "
+                          "source (one JSON page a line)")
+  return title_map, {"num_pages": num_pages, "num_titles": len(title_map),
+                     "num_duplicate_titles": num_duplicates,
+                     "num_conflicting_duplicates": num_conflicting}
+
+
+def read_title_map(path):
+  """A {title: wikipedia_id} map written by util_scripts/kilt_title_map.py."""
+  title_map = utils.read_json(path, "KILT title map")
+  if not isinstance(title_map, dict):
+    raise utils.UserError(
+        f"{path}: a JSON {type(title_map).__name__}, expected an object "
+        "{title: wikipedia_id} (written by util_scripts/kilt_title_map.py)")
+  for title, page_id in title_map.items():
+    if not isinstance(page_id, str):
+      raise utils.UserError(
+          f"{path}: title {title!r} maps to {page_id!r}, expected a "
+          "wikipedia_id string (written by util_scripts/kilt_title_map.py)")
+  return title_map
+
+
+def block_provenance(block_ids, scores, title_of_block=None, title_map=None):
+  """KILT provenance of retrieved blocks, in the order given.
+
+  Each entry is {"wikipedia_id", "title", "block_id", "score"}: KILT's fields
+  and ours. `title` only where `title_of_block(block id)` gives one,
+  `wikipedia_id` only where `title_map` has that title.
+  """
+  entries = []
+  for block_id, score in zip(block_ids, scores):
+    entry = {}
+    title = title_of_block(block_id) if title_of_block else None
+    if title_map is not None and title in title_map:
+      entry[RANK_KEY] = title_map[title]
+    if title is not None:
+      entry["title"] = title
+    entry.update(block_id=int(block_id), score=float(score))
+    entries.append(entry)
+  return entries
+
+
+def unmapped_title_warning(provenance_lists, title_map_path):
+  """The warning line for provenance entries without a wikipedia_id, or None."""
+  num_entries = 0
+  unmapped = collections.Counter()
+  for entries in provenance_lists:
+    for entry in entries:
+      num_entries += 1
+      if RANK_KEY not in entry:
+        unmapped[entry.get("title")] += 1
+  if not unmapped:
+    return None
+  examples = ", ".join(repr(title) for title, _ in unmapped.most_common(3))
+  return (f"warning: {sum(unmapped.values())} of {num_entries} contexts "
+          f"({len(unmapped)} distinct titles, e.g. {examples}) have a title "
+          f"that is not in {title_map_path}; their provenance has no "
+          "wikipedia_id, and KILT's retrieval scores skip them")
+
+
+def cached_provenance(files, title_of_block, title_map, num_provenance=0):
+  """{id: block_provenance of its top cached neighbours} of a cache split.
+
+  Args:
+    files: the split's shards (`neighbour_cache.split_files`).
+    title_of_block: fn(block id) -> title or None.
+    title_map: {title: wikipedia_id}.
+    num_provenance: neighbours per question, best first; 0: all cached.
+  """
+  dataset = tf.data.TFRecordDataset(files).map(
+      lambda serialized: {
+          name: value for name, value in neighbour_cache.parse_example(
+              serialized).items()
+          if name in ("id", "neighbour_block_ids", "neighbour_scores")})
+  provenance = {}
+  for example in dataset.as_numpy_iterator():
+    count = num_provenance or len(example["neighbour_block_ids"])
+    provenance[example["id"].decode("utf-8").strip()] = block_provenance(
+        example["neighbour_block_ids"][:count],
+        example["neighbour_scores"][:count], title_of_block, title_map)
+  return provenance
+
+
+# ---------------------------------------------------------------------------
+# Baselines, tables, whole files
+# ---------------------------------------------------------------------------
 
 
 def copy_input_predictions(gold_records):
@@ -264,30 +695,50 @@ def random_train_answer_predictions(gold_records, train_records, seed):
           for record in gold_records}
 
 
-def markdown_table(rows):
-  """A markdown table of {system name: metrics}, metrics shown in percent."""
-  lines = ["| system | ROUGE-L (%) | F1 (%) | EM (%) | examples |",
-           "| --- | ---: | ---: | ---: | ---: |"]
+def _markdown(header, rows, columns):
+  lines = ["| system | " + " | ".join(header) + " | examples |",
+           "| --- |" + " ---: |" * (len(header) + 1)]
   for name, metrics in rows.items():
-    lines.append(
-        f"| {name} | {100 * metrics['rougeL']:.2f} | {100 * metrics['f1']:.2f}"
-        f" | {100 * metrics['em']:.2f} | {metrics['num_examples']} |")
+    cells = [f"{100 * column(metrics):.2f}" for column in columns]
+    lines.append(f"| {name} | " + " | ".join(cells) +
+                 f" | {metrics['num_examples']} |")
   return "\n".join(lines) + "\n"
+
+
+def markdown_table(rows):
+  """A markdown table of {system name: metrics}, metrics shown in percent:
+  the answer metrics, R-precision and recall@5, and KILT-RL and KILT-F1 (the
+  columns of KILT's ELI5 leaderboard)."""
+  names = ("rougeL", "f1", "em", "rprec", "recall@5", "kilt_rougeL",
+           "kilt_f1")
+  return _markdown(
+      ["ROUGE-L (%)", "F1 (%)", "EM (%)", "R-Prec (%)", "recall@5 (%)",
+       "KILT-RL (%)", "KILT-F1 (%)"], rows,
+      [lambda metrics, name=name: metrics[name] for name in names])
+
+
+def retrieval_table(rows):
+  """A markdown table of {system name: corpus_retrieval_metrics}, in percent."""
+  names = ("Rprec", "precision@1", "recall@5", "recall@20", "success_rate@5")
+  return _markdown(
+      ["R-Prec (%)", "precision@1 (%)", "recall@5 (%)", "recall@20 (%)",
+       "success_rate@5 (%)"], rows,
+      [lambda metrics, name=name: metrics["retrieval"][name]
+       for name in names])
 
 
 def evaluate_files(gold_path, guess_path, *, baselines_train_path=None,
                    baselines_seed=0):
   """Scores a guess file against a KILT gold file, with optional baselines.
 
-  Returns the guess's metrics (`rougeL`, `f1`, `em`, `accuracy` in [0, 1],
-  `num_examples`, `num_empty_predictions`), the two paths, and with
+  Returns `corpus_metrics`' result for the guess, the two paths, and with
   `baselines_train_path` a `baselines` dict {"copy_input": metrics,
-  "random_train_answer": metrics}.
+  "random_train_answer": metrics} (guesses without provenance).
   """
   gold_records = read_gold(gold_path)
-  predictions = read_guesses(guess_path)
-  check_ids(gold_records, predictions, gold_path, guess_path)
-  result = corpus_metrics(gold_records, predictions)
+  outputs = read_guess_outputs(guess_path)
+  check_ids(gold_records, outputs, gold_path, guess_path)
+  result = score_outputs(gold_records, outputs)
   result.update(gold_path=gold_path, guess_path=guess_path)
   if baselines_train_path:
     train_records = [record for _, record in read_jsonl(
@@ -302,12 +753,31 @@ def evaluate_files(gold_path, guess_path, *, baselines_train_path=None,
     result["baselines"] = {
         "copy_input": corpus_metrics(
             gold_records, copy_input_predictions(gold_records),
-            "copy-input baseline"),
+            description="copy-input baseline"),
         "random_train_answer": corpus_metrics(
-            gold_records, random_answers, "random-answer baseline"),
+            gold_records, random_answers,
+            description="random-answer baseline"),
     }
     result["baselines_seed"] = baselines_seed
   return result
+
+
+def evaluate_cache(gold_path, cache_files, cache_name, title_of_block,
+                   title_map, num_provenance=0):
+  """The retriever alone: each question's top cached neighbours as provenance.
+
+  Returns:
+    (`corpus_retrieval_metrics`' result with the gold path, the cache's name
+    and `num_provenance`; {id: the provenance scored}).
+  """
+  gold_records = read_gold(gold_path)
+  provenance = cached_provenance(cache_files, title_of_block, title_map,
+                                 num_provenance)
+  check_ids(gold_records, provenance, gold_path, cache_name)
+  result = corpus_retrieval_metrics(gold_records, provenance)
+  result.update(gold_path=gold_path, cache=cache_name,
+                num_provenance=num_provenance)
+  return result, provenance
 
 
 def result_table(result, system_name="guess"):

@@ -21,10 +21,20 @@ The manifest (written last, so a directory without it is not a finished cache):
 
   {"format_version": 1,
    "embedder_path": str, "blocks_path": str, "num_blocks": int,
+   "titles_path": str | null,     titles.tfr of the blocks (record i: the
+                                  title of block i); null without one
+   "max_query_length": int,       wordpieces per question (0: no cut)
+   "context_with_title": bool,    neighbour_ids are of `title: text`
    "tokenizer": str, "vocab_size": int, "tokenizer_fingerprint": str,
    "search": {"kind": "exact"} | {"kind": "scann", ...the ScaNN config...},
    "num_neighbours": int, "max_block_tokens": int,
    "splits": {"train": {"shards": [names], "num_records": int}, ...}}
+
+Manifests written before titles were read lack `titles_path`,
+`max_query_length` and `context_with_title`; `read_manifest` gives them
+`titles_path` None (no titles). The block text and titles behind a cache are
+`retrievers.BlockStore(manifest["blocks_path"], manifest["num_blocks"],
+titles_path=manifest.get("titles_path"))`.
 """
 
 import hashlib
@@ -131,6 +141,7 @@ def read_manifest(cache_dir):
     raise utils.UserError(
         f"{path}: format_version {manifest.get('format_version')!r}, this code "
         f"reads version {FORMAT_VERSION}")
+  manifest.setdefault("titles_path", None)
   return manifest
 
 

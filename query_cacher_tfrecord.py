@@ -3,7 +3,8 @@ r"""Caches the REALM neighbours of every KILT ELI5 question as sharded TFRecords
 For each question: REALM query embedding -> maximum inner product search over
 the block embeddings (exact, or ScaNN) -> the top `--num_neighbours` block ids
 and scores -> GPT-2 ids of the question, of every answer and of each
-neighbour block (cut at `--max_block_tokens`), each text tokenized with a
+neighbour block (its text, or `title: text` with `--context_with_title`; cut
+at `--max_block_tokens`), each text tokenized with a
 leading space, as it appears after `Question:`, `Context:` or `Answer:`. The format is
 `neighbour_cache.py`'s: `{split}-{i:05d}-of-{n:05d}.tfrecord` shards and
 `manifest.json`, written last.
@@ -50,7 +51,8 @@ PENDING_MANIFEST_NAME = "manifest.pending.json"
 _FLAG_RETRIEVER_CONFIG_PATH = flags.DEFINE_string(
     "retriever_config_path", None,
     "Required. Retriever config JSON (query_embedder_path, text_records, "
-    "num_block_records), e.g. configs/retriever_configs/*.json.")
+    "num_block_records, optional title_records), e.g. "
+    "configs/retriever_configs/*.json.")
 _FLAG_DATASET_ROOT = flags.DEFINE_string(
     "dataset_root", None,
     "Required. Directory (local or gs://) holding the KILT ELI5 files under "
@@ -84,6 +86,15 @@ _FLAG_BLOCK_TOKEN_CACHE_SIZE = flags.DEFINE_integer(
     "block_token_cache_size", 100000,
     "GPT-2 ids of this many recently used blocks are kept in memory, so that "
     "popular neighbours are read and tokenized once (0: none kept).")
+_FLAG_MAX_QUERY_LENGTH = flags.DEFINE_integer(
+    "max_query_length", 0,
+    "Wordpieces of each question given to the REALM query embedder, [CLS] and "
+    "[SEP] included (at least 2). 0: all of them, as ORQA's retrieve(), up to "
+    "the embedder's position limit.")
+_FLAG_CONTEXT_WITH_TITLE = flags.DEFINE_bool(
+    "context_with_title", False,
+    "Cache each neighbour's GPT-2 ids as 'title: text' (the page title from "
+    "the retriever config's title_records) instead of the block text alone.")
 _FLAG_TOKENIZER = flags.DEFINE_string(
     "tokenizer", "gpt2",
     "GPT-2 tokenizer: a Hugging Face hub key or a local directory "
@@ -155,7 +166,8 @@ def shard_ranges(num_questions, num_shards):
 
 
 def planned_manifest(*, retriever_config, tokenizer_name, tokenizer, search,
-                     num_neighbours, max_block_tokens, split_sizes, num_shards):
+                     num_neighbours, max_block_tokens, split_sizes, num_shards,
+                     max_query_length=0, context_with_title=False):
   """The manifest a complete run writes; known before any question is searched."""
   splits = {}
   for split, num_questions in split_sizes.items():
@@ -169,7 +181,10 @@ def planned_manifest(*, retriever_config, tokenizer_name, tokenizer, search,
       "format_version": neighbour_cache.FORMAT_VERSION,
       "embedder_path": retriever_config["query_embedder_path"],
       "blocks_path": retriever_config["text_records"],
+      "titles_path": retriever_config.get("title_records"),
       "num_blocks": retriever_config["num_block_records"],
+      "max_query_length": max_query_length,
+      "context_with_title": context_with_title,
       "tokenizer": tokenizer_name,
       "vocab_size": len(tokenizer),
       "tokenizer_fingerprint": neighbour_cache.tokenizer_fingerprint(tokenizer),
@@ -239,19 +254,31 @@ def _token_ids(tokenizer, texts):
       [" " + text for text in texts], add_special_tokens=False)]
 
 
+def context_texts(block_store, block_ids, with_title=False):
+  """The text GPT-2 reads of each block: its text, or `title: text`."""
+  texts = block_store.texts(block_ids)
+  if not with_title:
+    return texts
+  return [f"{title}: {text}"
+          for title, text in zip(block_store.titles(block_ids), texts)]
+
+
 class BlockTokenCache:
   """GPT-2 ids of blocks (cut at `max_block_tokens`), the most recently used kept.
 
   Popular blocks are the neighbours of many questions: keeping their ids
   saves reading and tokenizing them again. Ids are stored as int32 arrays, so
   `capacity` blocks take at most capacity * max_block_tokens * 4 bytes.
+  A block's text is `context_texts`' (`with_title`: `title: text`).
   """
 
-  def __init__(self, tokenizer, block_store, max_block_tokens, capacity):
+  def __init__(self, tokenizer, block_store, max_block_tokens, capacity,
+               with_title=False):
     self._tokenizer = tokenizer
     self._block_store = block_store
     self._max_block_tokens = max_block_tokens
     self._capacity = capacity
+    self._with_title = with_title
     self._ids = collections.OrderedDict()
 
   def token_ids(self, block_ids):
@@ -260,8 +287,8 @@ class BlockTokenCache:
     missing = sorted({b for b in block_ids if b not in self._ids})
     fresh = dict(zip(missing, (
         np.array(ids[:self._max_block_tokens], np.int32)
-        for ids in _token_ids(self._tokenizer,
-                              self._block_store.texts(missing)))))
+        for ids in _token_ids(self._tokenizer, context_texts(
+            self._block_store, missing, self._with_title)))))
     found = [fresh[b] if b in fresh else self._ids[b] for b in block_ids]
     for block_id in block_ids:
       if block_id in self._ids:
@@ -361,8 +388,15 @@ def main(argv):
     raise utils.UserError(
         f"--splits={','.join(splits)}: expected some of "
         f"{', '.join(neighbour_cache.SPLITS)}")
+  max_query_length = _FLAG_MAX_QUERY_LENGTH.value
+  retrievers.check_max_query_length(max_query_length, "--max_query_length")
   retriever_config = retrievers.load_retriever_config(
       _FLAG_RETRIEVER_CONFIG_PATH.value)
+  context_with_title = _FLAG_CONTEXT_WITH_TITLE.value
+  if context_with_title and retriever_config["title_records"] is None:
+    raise utils.UserError(
+        f"--context_with_title: {_FLAG_RETRIEVER_CONFIG_PATH.value} has no "
+        "title_records, expected one naming the titles.tfr of the blocks")
   num_neighbours = _FLAG_NUM_NEIGHBOURS.value
   if num_neighbours > retriever_config["num_block_records"]:
     raise utils.UserError(
@@ -380,7 +414,8 @@ def main(argv):
       tokenizer=tokenizer, search=search, num_neighbours=num_neighbours,
       max_block_tokens=_FLAG_MAX_BLOCK_TOKENS.value,
       split_sizes=split_sizes,
-      num_shards=_FLAG_NUM_SHARDS.value)
+      num_shards=_FLAG_NUM_SHARDS.value, max_query_length=max_query_length,
+      context_with_title=context_with_title)
   if check_existing(output_dir, manifest):
     _remove_if_exists(os.path.join(output_dir, PENDING_MANIFEST_NAME))
     print(f"{output_dir}: the cache is already complete")
@@ -389,14 +424,15 @@ def main(argv):
   retriever = retrievers.LiveRetriever(
       retriever_config, _FLAG_SEARCH.value, scann_config=scann_config,
       scann_index_dir=_FLAG_SCANN_INDEX_DIR.value,
-      devices=strategy.extended.worker_devices)
+      devices=strategy.extended.worker_devices,
+      max_query_length=max_query_length)
   # Written once the inputs have loaded: from here on, shards are kept.
   utils.makedirs(output_dir)
   utils.atomic_write_json(os.path.join(output_dir, PENDING_MANIFEST_NAME),
                           manifest)
   block_tokens = BlockTokenCache(
       tokenizer, retriever.blocks, _FLAG_MAX_BLOCK_TOKENS.value,
-      _FLAG_BLOCK_TOKEN_CACHE_SIZE.value)
+      _FLAG_BLOCK_TOKEN_CACHE_SIZE.value, with_title=context_with_title)
   write_missing_shards(output_dir, manifest, kilt_paths, shard_records_fn=(
       lambda questions, progress: shard_records(
           questions, retriever, tokenizer, block_tokens,

@@ -18,7 +18,7 @@ import numpy as np
 from scann.scann_ops.py import scann_ops_pybind
 import tensorflow as tf
 import tensorflow_hub as hub
-import tokenizers
+import tensorflow_text as tf_text
 import tqdm
 
 import utils
@@ -82,6 +82,10 @@ _RETRIEVER_CONFIG_KEYS = {
     "text_records": str,
     "num_block_records": int,
 }
+# Optional keys, None when absent.
+_RETRIEVER_CONFIG_OPTIONAL_KEYS = {
+    "title_records": str,
+}
 
 
 def _resolve_beside(path, config_path):
@@ -94,31 +98,39 @@ def _resolve_beside(path, config_path):
 def load_retriever_config(path):
   """Reads a retriever config: `query_embedder_path`, `text_records`, `num_block_records`.
 
-  Relative paths in the file are taken relative to the file's directory.
+  Optional: `title_records` (titles.tfr, record i the page title of block i;
+  None when absent). Relative paths in the file are taken relative to the
+  file's directory.
   """
   config = utils.read_json(path, "retriever config")
+  all_keys = {**_RETRIEVER_CONFIG_KEYS, **_RETRIEVER_CONFIG_OPTIONAL_KEYS}
   if not isinstance(config, dict):
     raise utils.UserError(f"{path}: expected a JSON object with keys "
                           f"{', '.join(_RETRIEVER_CONFIG_KEYS)}")
-  for key, kind in _RETRIEVER_CONFIG_KEYS.items():
+  for key in _RETRIEVER_CONFIG_KEYS:
     if key not in config:
       raise utils.UserError(f"{path}: missing key {key!r} (expected "
                             f"{', '.join(_RETRIEVER_CONFIG_KEYS)})")
-    value = config[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
+  for key, kind in all_keys.items():
+    value = config.get(key)
+    if key in config and (not isinstance(value, kind) or
+                          isinstance(value, bool)):
       raise utils.UserError(f"{path}: {key} is {value!r}, expected a "
                             f"{kind.__name__}")
   if config["num_block_records"] < 1:
     raise utils.UserError(f"{path}: num_block_records is "
                           f"{config['num_block_records']}, expected >= 1")
-  unknown = sorted(set(config) - set(_RETRIEVER_CONFIG_KEYS))
+  unknown = sorted(set(config) - set(all_keys))
   if unknown:
     raise utils.UserError(f"{path}: unknown key(s) {', '.join(unknown)} "
-                          f"(expected {', '.join(_RETRIEVER_CONFIG_KEYS)})")
+                          f"(expected {', '.join(all_keys)})")
+  title_records = config.get("title_records")
   return {
       "query_embedder_path": _resolve_beside(config["query_embedder_path"],
                                              path),
       "text_records": _resolve_beside(config["text_records"], path),
+      "title_records": (None if title_records is None else
+                        _resolve_beside(title_records, path)),
       "num_block_records": config["num_block_records"],
   }
 
@@ -466,26 +478,146 @@ class ScannSearcher:
 # REALM query embedder
 # ---------------------------------------------------------------------------
 
-_SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[UNK]", "[PAD]")
+# What a TF-Hub export writes for an asset's path inside the graph; TF1's
+# hub.Module rewrites it to the module's assets/ at load, TF2's hub.load does
+# not (tensorflow_hub's saved_model_lib).
+HUB_ASSET_PLACEHOLDER = "SAVEDMODEL-ASSET"
+_VOCAB_ASSET_NAME = "vocab.txt"
+_REQUIRED_WORDPIECES = ("[CLS]", "[SEP]", "[UNK]")
+# Where BERT keeps its position embeddings [max positions, hidden] in a TF1
+# checkpoint (REALM's embedder: module/bert/embeddings/position_embeddings).
+_POSITION_EMBEDDINGS_SUFFIX = "bert/embeddings/position_embeddings"
+
+
+class Wordpieces:
+  """BERT wordpieces exactly as ORQA makes them for REALM.
+
+  `tensorflow_text.BertTokenizer` over the vocabulary file (ORQA's
+  `bert_utils.get_tf_tokenizer`): with `do_lower_case`, case folding also
+  NFKC-normalises and strips accents (`ﬁ` -> `fi`, full-width letters,
+  `ß` -> `ss`); a word longer than 100 bytes is [UNK].
+  """
+
+  def __init__(self, vocab_file, do_lower_case):
+    with tf.io.gfile.GFile(vocab_file, "r") as f:
+      # The lookup table's keys are whole lines (TextFileIndex.WHOLE_LINE).
+      vocab = {}
+      for index, line in enumerate(f):
+        vocab.setdefault(line.rstrip("\r\n"), index)
+    missing = [token for token in _REQUIRED_WORDPIECES if token not in vocab]
+    if missing:
+      raise utils.UserError(f"{vocab_file}: no {', '.join(missing)} in the "
+                            "wordpiece vocabulary, expected BERT's vocab.txt")
+    self.vocab_file = vocab_file
+    self.cls_id = vocab["[CLS]"]
+    self.sep_id = vocab["[SEP]"]
+    self._tokenizer = tf_text.BertTokenizer(
+        vocab_file, lower_case=do_lower_case, token_out_type=tf.int64)
+
+  def ids(self, texts):
+    """The wordpiece ids of each text (a list of int lists), words merged."""
+    texts = list(texts)
+    if not texts:
+      return []
+    pieces = self._tokenizer.tokenize(tf.constant(texts, tf.string))
+    return pieces.merge_dims(-2, -1).to_list()
+
+  def query_ids(self, questions, max_length=None):
+    """`[CLS] q [SEP]` ids of each question, cut to `max_length` ids if given."""
+    keep = None if max_length is None else max_length - 2
+    return [[self.cls_id] + ids[:keep] + [self.sep_id]
+            for ids in self.ids(questions)]
+
+
+def pad_features(sequences, segment_ids=None):
+  """BERT inputs of id sequences: int32 [B, longest] `input_ids`, `input_mask`, `segment_ids`.
+
+  Padding is id 0 with mask 0, as REALM pads; `segment_ids` (lists as long as
+  the sequences) default to zeros.
+  """
+  length = max((len(ids) for ids in sequences), default=0)
+  features = {name: np.zeros([len(sequences), length], np.int32)
+              for name in ("input_ids", "input_mask", "segment_ids")}
+  for row, ids in enumerate(sequences):
+    features["input_ids"][row, :len(ids)] = ids
+    features["input_mask"][row, :len(ids)] = 1
+    if segment_ids is not None:
+      features["segment_ids"][row, :len(ids)] = segment_ids[row]
+  return features
+
+
+def _vocabulary_file(embedder_path, vocab_file):
+  """The embedder's vocabulary: `vocab_file` if it is a file, else the module's asset.
+
+  A TF2 SavedModel's `tokenization_info()` names the file itself. A TF1 Hub
+  module (REALM's export) names the placeholder `SAVEDMODEL-ASSET`, and the
+  file is where TF1's hub.Module points it: `assets/vocab.txt`, or the one
+  file in `assets/`.
+  """
+  if vocab_file != HUB_ASSET_PLACEHOLDER and tf.io.gfile.exists(vocab_file):
+    return vocab_file
+  assets_dir = os.path.join(embedder_path, "assets")
+  names = []
+  if tf.io.gfile.isdir(assets_dir):
+    names = sorted(name for name in tf.io.gfile.listdir(assets_dir)
+                   if not tf.io.gfile.isdir(os.path.join(assets_dir, name)))
+  if _VOCAB_ASSET_NAME in names:
+    return os.path.join(assets_dir, _VOCAB_ASSET_NAME)
+  if len(names) == 1:
+    return os.path.join(assets_dir, names[0])
+  found = ", ".join(names) if names else "no file"
+  raise utils.UserError(
+      f"{embedder_path}: tokenization_info's vocab_file is {vocab_file!r} and "
+      f"assets/ holds {found}, expected the wordpiece vocabulary in "
+      f"assets/{_VOCAB_ASSET_NAME}")
+
+
+def position_limit(embedder_path):
+  """Positions the embedder's BERT embeds (rows of its position embeddings), or None.
+
+  Read from the module's variables checkpoint; None when it has no BERT
+  position-embedding variable (e.g. TF2 object-based names).
+  """
+  try:
+    variables = tf.train.list_variables(
+        os.path.join(embedder_path, "variables", "variables"))
+  except (tf.errors.OpError, ValueError):
+    return None
+  for name, shape in variables:
+    if name.endswith(_POSITION_EMBEDDINGS_SUFFIX) and len(shape) == 2:
+      return int(shape[0])
+  return None
+
+
+def check_max_query_length(max_query_length, name="max_query_length"):
+  """A UserError unless `max_query_length` is 0 (no cut) or leaves room for [CLS] q [SEP]."""
+  if max_query_length != 0 and max_query_length < 2:
+    raise utils.UserError(
+        f"{name}={max_query_length}: expected 0 (no cut) or at least 2 (room "
+        "for [CLS] and [SEP])")
 
 
 class QueryEmbedder:
   """Question text -> REALM query embedding, through the embedder's signatures.
 
-  The embedder (TF-Hub module or SavedModel, local or gs://) has signatures
+  The embedder is REALM's TF1 Hub module as exported (`tfhub_module.pb`,
+  `saved_model.pb`, `variables/`, `assets/vocab.txt`) or a TF2 SavedModel,
+  local or gs://, with signatures
   `projected(input_ids, input_mask, segment_ids) -> {"default": [B, D]}` and
-  `tokenization_info() -> {"vocab_file", "do_lower_case"}`. Questions are
-  BERT-wordpiece tokenized with that vocabulary and laid out as
-  `[CLS] q [SEP]`, cut and padded to `max_query_length`, mask of ones over
-  the tokens, segment ids of zeros. The fixed padding makes a question's
-  embedding independent of the batch it is in.
+  `tokenization_info() -> {"vocab_file", "do_lower_case"}`. Questions are laid
+  out as ORQA's `retrieve()` does: `Wordpieces`, `[CLS] q [SEP]`, not cut
+  (but at the embedder's position limit, or `max_query_length` when given),
+  mask of ones, segment ids of zeros. A batch is padded to its longest
+  question with mask 0.
+
+  Args:
+    embedder_path: the module's directory.
+    max_query_length: 0 (ORQA: no cut) or the ids kept per question,
+      [CLS] and [SEP] included (>= 2).
   """
 
-  def __init__(self, embedder_path, max_query_length=64):
-    if max_query_length < 2:
-      raise utils.UserError(
-          f"max_query_length={max_query_length}: must leave room for [CLS] "
-          "and [SEP]")
+  def __init__(self, embedder_path, max_query_length=0):
+    check_max_query_length(max_query_length)
     if not tf.io.gfile.exists(embedder_path):
       raise utils.UserError(f"{embedder_path}: embedder does not exist")
     try:
@@ -514,20 +646,21 @@ class QueryEmbedder:
           f"{', '.join(sorted(self._input_dtypes))}, expected input_ids, "
           "input_mask, segment_ids")
     info = signatures["tokenization_info"]()
-    vocab_file = info["vocab_file"].numpy().decode("utf-8")
-    self._tokenizer = _bert_tokenizer(
-        vocab_file, bool(info["do_lower_case"].numpy()), max_query_length)
+    self.wordpieces = Wordpieces(
+        _vocabulary_file(embedder_path,
+                         info["vocab_file"].numpy().decode("utf-8")),
+        bool(info["do_lower_case"].numpy()))
     self.embedder_path = embedder_path
-    self.max_query_length = max_query_length
+    limits = [limit for limit in (max_query_length,
+                                  position_limit(embedder_path)) if limit]
+    # Ids kept per question ([CLS] and [SEP] included); None: all.
+    self.max_query_length = min(limits) if limits else None
 
   def token_ids(self, questions):
-    """(input_ids, input_mask) int32 [Q, max_query_length] of `[CLS] q [SEP]`."""
-    encodings = self._tokenizer.encode_batch(list(questions))
-    input_ids = np.array([e.ids for e in encodings], dtype=np.int32)
-    input_mask = np.array([e.attention_mask for e in encodings],
-                          dtype=np.int32)
-    return (input_ids.reshape(-1, self.max_query_length),
-            input_mask.reshape(-1, self.max_query_length))
+    """(input_ids, input_mask) int32 [Q, longest] of `[CLS] q [SEP]`, zero-padded."""
+    features = pad_features(
+        self.wordpieces.query_ids(questions, self.max_query_length))
+    return features["input_ids"], features["input_mask"]
 
   def embed(self, questions, batch_size=128):
     """float32 [Q, D] query embeddings of `questions` (a list of str)."""
@@ -549,28 +682,8 @@ class QueryEmbedder:
     return np.concatenate(embeddings)
 
 
-def _bert_tokenizer(vocab_file, do_lower_case, max_query_length):
-  """BERT's wordpiece tokenizer over `vocab_file`, laying out `[CLS] q [SEP]`."""
-  if not tf.io.gfile.exists(vocab_file):
-    raise utils.UserError(f"{vocab_file}: the embedder's vocabulary file "
-                          "(tokenization_info) does not exist")
-  with tf.io.gfile.GFile(vocab_file, "r") as f:
-    tokens = [line.strip() for line in f]
-  vocab = {token: index for index, token in enumerate(tokens)}
-  missing = [token for token in _SPECIAL_TOKENS if token not in vocab]
-  if missing:
-    raise utils.UserError(f"{vocab_file}: no {', '.join(missing)} in the "
-                          "wordpiece vocabulary")
-  tokenizer = tokenizers.BertWordPieceTokenizer(
-      vocab, lowercase=do_lower_case, strip_accents=do_lower_case)
-  tokenizer.enable_truncation(max_length=max_query_length)
-  tokenizer.enable_padding(length=max_query_length, pad_id=vocab["[PAD]"],
-                           pad_token="[PAD]")
-  return tokenizer
-
-
 # ---------------------------------------------------------------------------
-# Block text, by record offset
+# Block text and titles, by record offset
 # ---------------------------------------------------------------------------
 
 # A TFRecord is: uint64 length, uint32 masked CRC of the length, the data,
@@ -608,12 +721,12 @@ def _scan_record_offsets(path):
   return np.frombuffer(offsets, dtype=np.int64).copy()
 
 
-def _local_offsets_path(blocks_path):
+def _local_offsets_path(records_path):
   cache_home = os.environ.get("XDG_CACHE_HOME",
                               os.path.join(os.path.expanduser("~"), ".cache"))
-  digest = hashlib.sha1(blocks_path.encode("utf-8")).hexdigest()[:16]
+  digest = hashlib.sha1(records_path.encode("utf-8")).hexdigest()[:16]
   return os.path.join(cache_home, "eli5_retrieval", "block_offsets",
-                      f"{digest}-{os.path.basename(blocks_path)}.offsets.npy")
+                      f"{digest}-{os.path.basename(records_path)}.offsets.npy")
 
 
 def _read_offsets(path, file_length, num_records):
@@ -640,38 +753,42 @@ def _write_offsets(path, offsets):
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
-class BlockStore:
-  """Random access to the text of any block of a REALM `blocks.tfr`.
+class _RecordFile:
+  """Random access to the records of a TFRecord file of raw UTF-8 records.
 
-  Each record is one block, raw UTF-8: title, a blank line, then the text.
   Record offsets are found in one pass over the file and saved beside it
-  (`<blocks_path>.offsets.npy`), or, when that directory is not writable
-  (e.g. a public bucket), under `~/.cache/eli5_retrieval/block_offsets/`;
-  later runs read them back. Texts are then read with seeks, so only the
-  blocks asked for are ever in memory.
+  (`<path>.offsets.npy`), or, when that directory is not writable (e.g. a
+  public bucket), under `~/.cache/eli5_retrieval/block_offsets/`; later runs
+  read them back. Records are then read with seeks, so only those asked for
+  are ever in memory.
+
+  Args:
+    path: the TFRecord file.
+    num_records: how many records it must hold.
+    record_name: what a record is, for errors ("block", "title").
+    count_error: fn(records found) -> the UserError message when the count
+      differs from `num_records`.
   """
 
-  def __init__(self, blocks_path, num_blocks):
-    if not tf.io.gfile.exists(blocks_path):
-      raise utils.UserError(f"{blocks_path}: blocks file does not exist")
-    self.blocks_path = blocks_path
-    self.num_blocks = num_blocks
-    file_length = tf.io.gfile.stat(blocks_path).length
-    candidates = (f"{blocks_path}.offsets.npy", _local_offsets_path(blocks_path))
+  def __init__(self, path, num_records, record_name, count_error):
+    if not tf.io.gfile.exists(path):
+      raise utils.UserError(f"{path}: {record_name}s file does not exist")
+    self.path = path
+    self._record_name = record_name
+    file_length = tf.io.gfile.stat(path).length
+    candidates = (f"{path}.offsets.npy", _local_offsets_path(path))
     offsets = None
-    for path in candidates:
-      offsets = _read_offsets(path, file_length, num_blocks)
+    for offsets_path in candidates:
+      offsets = _read_offsets(offsets_path, file_length, num_records)
       if offsets is not None:
         break
     if offsets is None:
-      offsets = _scan_record_offsets(blocks_path)
-      if len(offsets) - 1 != num_blocks:
-        raise utils.UserError(
-            f"{blocks_path}: holds {len(offsets) - 1} records, but the "
-            f"retriever config claims num_block_records={num_blocks}")
+      offsets = _scan_record_offsets(path)
+      if len(offsets) - 1 != num_records:
+        raise utils.UserError(count_error(len(offsets) - 1))
       self._save_offsets(candidates, offsets)
     self._offsets = offsets
-    self._file = tf.io.gfile.GFile(blocks_path, "rb")
+    self._file = tf.io.gfile.GFile(path, "rb")
 
   @staticmethod
   def _save_offsets(candidates, offsets):
@@ -682,11 +799,10 @@ class BlockStore:
       except (tf.errors.OpError, OSError):
         continue
 
-  def _record(self, block_id):
-    if not 0 <= block_id < self.num_blocks:
-      raise IndexError(f"block id {block_id} not in [0, {self.num_blocks})")
-    start = int(self._offsets[block_id])
-    length = (int(self._offsets[block_id + 1]) - start - _RECORD_HEADER_BYTES -
+  def read(self, index):
+    """Record `index` as text."""
+    start = int(self._offsets[index])
+    length = (int(self._offsets[index + 1]) - start - _RECORD_HEADER_BYTES -
               _RECORD_FOOTER_BYTES)
     self._file.seek(start + _RECORD_HEADER_BYTES)
     data = self._file.read(length)
@@ -694,23 +810,63 @@ class BlockStore:
       return data.decode("utf-8")
     except UnicodeDecodeError as error:
       raise utils.UserError(
-          f"{self.blocks_path}: block {block_id} is not UTF-8 text "
+          f"{self.path}: {self._record_name} {index} is not UTF-8 text "
           f"({error.reason} at byte {error.start})") from None
 
-  def text(self, block_id):
-    """The whole record of `block_id`: title, blank line, text."""
-    return self._record(int(block_id))
+  def read_many(self, indices):
+    """Records of `indices` (ints, repeats allowed), read in file order."""
+    by_index = {index: self.read(index) for index in sorted(set(indices))}
+    return [by_index[index] for index in indices]
 
-  def title(self, block_id):
-    """The record's first paragraph (the Wikipedia title)."""
-    return self.text(block_id).split("\n\n", 1)[0]
+
+class BlockStore:
+  """Random access to the text and title of any block of a REALM corpus.
+
+  As ORQA's preprocessing writes it: record i of `blocks.tfr` is the text of
+  block i (raw UTF-8), record i of the optional `titles.tfr` the title of its
+  Wikipedia page. Both are read by record offset (`_RecordFile`).
+  """
+
+  def __init__(self, blocks_path, num_blocks, titles_path=None):
+    self.blocks_path = blocks_path
+    self.titles_path = titles_path
+    self.num_blocks = num_blocks
+    self._texts = _RecordFile(
+        blocks_path, num_blocks, "block", lambda found: (
+            f"{blocks_path}: holds {found} records, but the retriever config "
+            f"claims num_block_records={num_blocks}"))
+    self._titles = None
+    if titles_path is not None:
+      self._titles = _RecordFile(
+          titles_path, num_blocks, "title", lambda found: (
+              f"{titles_path}: holds {found} titles, but {blocks_path} holds "
+              f"{num_blocks} blocks, expected one title per block"))
+
+  def _checked_ids(self, block_ids):
+    block_ids = [int(block_id) for block_id in block_ids]
+    for block_id in block_ids:
+      if not 0 <= block_id < self.num_blocks:
+        raise IndexError(f"block id {block_id} not in [0, {self.num_blocks})")
+    return block_ids
+
+  def text(self, block_id):
+    """The text of `block_id` (its blocks.tfr record)."""
+    return self.texts([block_id])[0]
 
   def texts(self, block_ids):
     """Texts of `block_ids` (any iterable of ints), read in file order."""
-    block_ids = [int(block_id) for block_id in block_ids]
-    by_id = {block_id: self._record(block_id)
-             for block_id in sorted(set(block_ids))}
-    return [by_id[block_id] for block_id in block_ids]
+    return self._texts.read_many(self._checked_ids(block_ids))
+
+  def title(self, block_id):
+    """The page title of `block_id` (its titles.tfr record); None without titles."""
+    return self.titles([block_id])[0]
+
+  def titles(self, block_ids):
+    """Titles of `block_ids`, as `texts`; Nones without a titles file."""
+    block_ids = self._checked_ids(block_ids)
+    if self._titles is None:
+      return [None] * len(block_ids)
+    return self._titles.read_many(block_ids)
 
 
 # ---------------------------------------------------------------------------
@@ -738,12 +894,13 @@ class LiveRetriever:
       index built is saved here.
     devices: where exact search runs, the blocks split over them (default:
       TF's placement).
-    max_query_length: wordpieces per question, [CLS] and [SEP] included.
+    max_query_length: 0 (no cut, as ORQA) or the wordpieces kept per
+      question, [CLS] and [SEP] included.
     chunk_size: blocks scored at once by exact search.
   """
 
   def __init__(self, retriever_config, search="exact", *, scann_config=None,
-               scann_index_dir=None, devices=None, max_query_length=64,
+               scann_index_dir=None, devices=None, max_query_length=0,
                chunk_size=DEFAULT_CHUNK_SIZE):
     if search not in SEARCH_KINDS:
       raise utils.UserError(f"search={search!r}: expected one of "
@@ -756,7 +913,8 @@ class LiveRetriever:
     self.num_blocks = retriever_config["num_block_records"]
     self.embedder = QueryEmbedder(retriever_config["query_embedder_path"],
                                   max_query_length)
-    self.blocks = BlockStore(retriever_config["text_records"], self.num_blocks)
+    self.blocks = BlockStore(retriever_config["text_records"], self.num_blocks,
+                             retriever_config.get("title_records"))
     if search == "scann" and scann_index_dir and tf.io.gfile.exists(
         os.path.join(scann_index_dir, _SCANN_CONFIG_NAME)):
       self._searcher = ScannSearcher.load(scann_index_dir, scann_config)

@@ -6,8 +6,10 @@ One example is laid out as
 
 (helper words optional; one `Context:` before each context or one before all),
 right-padded to a fixed length so every batch has the same shape (XLA, TPU).
-The labels are the answer tokens and the final EOS; the loss is summed over
-them and divided by their number in the GLOBAL batch (`tf_utils.make_train_step`).
+The labels are the answer tokens and, when the answer was not cut, the final
+EOS: an answer cut at `max_answer_tokens` ends without EOS, so the model is
+never taught to stop mid-sentence. The loss is summed over the labels and
+divided by their number in the GLOBAL batch (`tf_utils.make_train_step`).
 
 Budget, in tokens, for a sequence of `sequence_length`: the question is cut to
 `max_question_tokens`; `max_answer_tokens` + 1 (EOS) are reserved for the
@@ -186,11 +188,13 @@ def lay_out_example(question_ids, contexts, answer_ids, layout):
   Returns:
     A dict of int32 [sequence_length] tensors: `input_ids` (padded with EOS),
     `attention_mask` (1 on real tokens), `label_mask` (1 on the answer tokens
-    and the final EOS: the positions the loss is computed on).
+    and, for an answer that fits whole, its EOS: the positions the loss is
+    computed on). A cut answer gets no EOS: it did not end there.
   """
   prompt = prompt_ids(question_ids, contexts, layout)
-  answer = tf.concat([answer_ids[:layout.max_answer_tokens],
-                      [layout.eos_id]], axis=0)
+  answer_fits = tf.size(answer_ids) <= layout.max_answer_tokens
+  eos = tf.fill([tf.cast(answer_fits, tf.int32)], layout.eos_id)
+  answer = tf.concat([answer_ids[:layout.max_answer_tokens], eos], axis=0)
   ids = tf.concat([prompt, answer], axis=0)
   length = tf.size(ids)
   padding = layout.sequence_length - length

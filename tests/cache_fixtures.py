@@ -107,6 +107,18 @@ def write_cache(cache_dir, split_records, *, num_neighbours, vocab_size,
 
 
 
+def write_model_config(directory, tokenizer, *, n_positions=64, dropout=0.0):
+  """A tiny GPT-2 `config.json` alone in `directory`: a fresh model for main.py."""
+  utils.makedirs(directory)
+  config = transformers.GPT2Config(
+      vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32,
+      n_layer=2, n_head=2, resid_pdrop=dropout, embd_pdrop=dropout,
+      attn_pdrop=dropout,
+      bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+  utils.atomic_write_text(os.path.join(directory, "config.json"),
+                          config.to_json_string())
+
+
 def write_training_world(root, *, num_train=48, num_validation=12,
                          num_neighbours=4, n_positions=64, num_shards=2,
                          dropout=0.0):
@@ -118,14 +130,8 @@ def write_training_world(root, *, num_train=48, num_validation=12,
   paths = {name: os.path.join(root, name)
            for name in ("tokenizer", "model", "cache")}
   tokenizer = write_tokenizer(paths["tokenizer"])
-  utils.makedirs(paths["model"])
-  config = transformers.GPT2Config(
-      vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32,
-      n_layer=2, n_head=2, resid_pdrop=dropout, embd_pdrop=dropout,
-      attn_pdrop=dropout,
-      bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-  utils.atomic_write_text(os.path.join(paths["model"], "config.json"),
-                          config.to_json_string())
+  write_model_config(paths["model"], tokenizer, n_positions=n_positions,
+                     dropout=dropout)
   records = {
       "train": random_records(num_train, num_neighbours=num_neighbours,
                               vocab_size=len(tokenizer), seed=0,

@@ -1,10 +1,12 @@
 """Tiny REALM retriever files of the real formats, built in a test's tmp dir.
 
-An embedder SavedModel with the REALM signatures (`projected`,
+An embedder TF2 SavedModel with the REALM signatures (`projected`,
 `tokenization_info`) and `assets/vocab.txt`, its block embeddings in
-`encoded/encoded.ckpt`, a `blocks.tfr` of raw UTF-8 records and a retriever
+`encoded/encoded.ckpt`, a `blocks.tfr` and a `titles.tfr` of raw UTF-8
+records (the text and the title of block i as record i) and a retriever
 config. The embedder is the mean of a random table over the unmasked
-wordpieces, so tests can recompute it with NumPy.
+wordpieces, so tests can recompute it with NumPy. REALM's own TF1 Hub export
+is `../shared/fixtures/realm_tf1_hub/` (`REALM_TF1_HUB`).
 """
 
 import json
@@ -14,6 +16,13 @@ import numpy as np
 import tensorflow as tf
 
 import retrievers
+
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "..", "shared", "fixtures")
+# A toy retriever exported by REALM/ORQA's own code (its README).
+REALM_TF1_HUB = os.path.join(FIXTURES, "realm_tf1_hub")
+# Real KILT ELI5 lines, 5 per split, under KILT's file names.
+KILT_ELI5_SAMPLE = os.path.join(FIXTURES, "kilt_eli5_sample")
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["why", "is", "the", "sky", "blue", "water", "boil", "##s", "ice",
@@ -74,10 +83,14 @@ def write_tf2_block_embeddings(embedder_dir, block_emb):
 
 
 def block_texts(num_blocks, seed=0):
-  """Records as in REALM's blocks.tfr: title, blank line, text (non-ASCII too)."""
+  """Records as in REALM's blocks.tfr: the block's text alone."""
   rng = np.random.default_rng(seed)
-  return [f"Title {index} é\n\n" + " ".join(rng.choice(WORDS[:-3], size=6))
-          for index in range(num_blocks)]
+  return [" ".join(rng.choice(WORDS[:-3], size=6)) for _ in range(num_blocks)]
+
+
+def block_titles(num_blocks):
+  """Records as in REALM's titles.tfr: the page title of each block (non-ASCII too)."""
+  return [f"Title {index} é" for index in range(num_blocks)]
 
 
 def write_blocks(path, records):
@@ -89,9 +102,10 @@ def write_blocks(path, records):
 
 
 def write_retriever(directory, *, num_blocks=50, dim=8, seed=0):
-  """Embedder + block embeddings + blocks.tfr + retriever config in `directory`.
+  """Embedder + block embeddings + blocks.tfr + titles.tfr + retriever config in `directory`.
 
-  Returns a dict: config_path, embedder, blocks, texts, block_emb, table.
+  Returns a dict: config_path, embedder, blocks, texts, titles_path, titles,
+  block_emb, table.
   """
   embedder = os.path.join(directory, "embedder")
   table = write_embedder(embedder, dim=dim, seed=seed)
@@ -101,12 +115,17 @@ def write_retriever(directory, *, num_blocks=50, dim=8, seed=0):
   blocks = os.path.join(directory, "blocks.tfr")
   texts = block_texts(num_blocks, seed)
   write_blocks(blocks, texts)
+  titles_path = os.path.join(directory, "titles.tfr")
+  titles = block_titles(num_blocks)
+  write_blocks(titles_path, titles)
   config_path = os.path.join(directory, "retriever_config.json")
   with open(config_path, "w", encoding="utf-8") as f:
     json.dump({"query_embedder_path": "embedder", "text_records": "blocks.tfr",
+               "title_records": "titles.tfr",
                "num_block_records": num_blocks}, f)
   return dict(config_path=config_path, embedder=embedder, blocks=blocks,
-              texts=texts, block_emb=block_emb, table=table)
+              texts=texts, titles_path=titles_path, titles=titles,
+              block_emb=block_emb, table=table)
 
 
 def brute_force_top_k(queries, block_emb, k):

@@ -134,15 +134,23 @@ def test_generations_are_kilt_records_with_provenance_and_metrics(
     assert record["input"] == gold[record["id"]]["input"]
     (output,) = record["output"]
     assert isinstance(output["answer"], str)
-    # Provenance: the top-scored blocks (temperature 0) that the prompt holds.
+    # Provenance: the top-scored blocks (temperature 0) that the prompt holds,
+    # with their cached scores; no wikipedia_id without --kilt_title_map.
     top = example["neighbour_block_ids"].numpy()[:NUM_RETRIEVALS].tolist()
+    top_scores = example["neighbour_scores"].numpy()[:NUM_RETRIEVALS].tolist()
     block_ids = [p["block_id"] for p in output["provenance"]]
     assert block_ids == top[:len(block_ids)] and block_ids
+    assert [p["score"] for p in output["provenance"]] == top_scores[
+        :len(block_ids)]
+    assert all(set(p) == {"title", "block_id", "score"}
+               for p in output["provenance"])
     with_context += len(block_ids)
     blocks.update({p["block_id"]: p["title"] for p in output["provenance"]})
   assert with_context > len(records)  # Some prompts hold both contexts.
-  # Titles are the blocks' first paragraphs; the gold block's title is the
+  # Titles are the blocks' titles.tfr records; the gold block's title is the
   # gold provenance's.
+  titles = world_titles(world)
+  assert all(titles[block_id] == title for block_id, title in blocks.items())
   gold_titles = {g["output"][0]["provenance"][0]["title"] for g in gold.values()}
   assert gold_titles & set(blocks.values())
   assert len({r["output"][0]["answer"] for r in records}) > 1
@@ -162,6 +170,62 @@ def test_generations_are_kilt_records_with_provenance_and_metrics(
   assert "questions cut to 16 tokens" in greedy["stdout"]
   assert "prompt layout:" in greedy["stderr"]
   assert not os.path.exists(greedy["path"] + ".partial")
+
+
+def world_titles(world):
+  """The demo corpus's titles.tfr records, by block id."""
+  return [record.decode("utf-8") for record in tf.data.TFRecordDataset(
+      os.path.join(world["world"], "realm", "titles.tfr")).as_numpy_iterator()]
+
+
+def test_provenance_names_kilt_pages_through_the_title_map(world, greedy,
+                                                          tmp_path):
+  """With --kilt_title_map, provenance gets KILT's wikipedia_id; a title the
+  map misses is warned about, with its count."""
+  num_examples = 16
+  plain = read_lines(greedy["path"])[:num_examples]
+  missing = plain[0]["output"][0]["provenance"][0]["title"]
+  # The demo's gold names the page of block i "i"; its titles are unique.
+  title_map = {title: str(block_id)
+               for block_id, title in enumerate(world_titles(world))
+               if title != missing}
+  map_path = tmp_path / "title_map.json"
+  map_path.write_text(json.dumps(title_map), encoding="utf-8")
+  output = tmp_path / "mapped" / "generations.jsonl"
+  result = run_ok("generation.py", f"--run_dir={world['run']}",
+                  f"--output_path={output}", f"--batch_size={BATCH_SIZE}",
+                  f"--max_examples={num_examples}",
+                  f"--kilt_title_map={map_path}", "--evaluate",
+                  f"--gold_path={world['gold']}")
+  mapped = read_lines(output)
+  num_contexts = num_unmapped = 0
+  for with_ids, without in zip(mapped, plain, strict=True):
+    assert with_ids["output"][0]["answer"] == without["output"][0]["answer"]
+    for entry, plain_entry in zip(with_ids["output"][0]["provenance"],
+                                  without["output"][0]["provenance"],
+                                  strict=True):
+      num_contexts += 1
+      assert {k: v for k, v in entry.items() if k != "wikipedia_id"} == (
+          plain_entry)
+      if entry["title"] == missing:
+        num_unmapped += 1
+        assert "wikipedia_id" not in entry
+      else:
+        assert list(entry) == ["wikipedia_id", "title", "block_id", "score"]
+        assert entry["wikipedia_id"] == str(entry["block_id"])
+  assert num_unmapped >= 1
+  assert (f"warning: {num_unmapped} of {num_contexts} contexts (1 distinct "
+          f"titles, e.g. {missing!r}) have a title that is not in "
+          f"{map_path}") in result.stderr
+  config = json.loads((output.parent / "generation_config.json").read_text())
+  assert config["kilt_title_map"] == str(map_path)
+  assert config["titles_path"].endswith("titles.tfr")
+  metrics = json.loads((output.parent / "kilt_metrics.json").read_text())
+  assert metrics["num_examples"] == num_examples
+  # The gold block is the best neighbour of most demo questions.
+  assert metrics["rprec"] > 0.5 and metrics["recall@5"] >= metrics["rprec"]
+  assert metrics["kilt_rougeL"] <= metrics["rougeL"]
+  assert "R-Prec (%)" in result.stdout
 
 
 def test_prompts_are_the_training_layout_with_its_context_draw(world):
@@ -212,7 +276,10 @@ def test_exported_checkpoint_greedy_equals_transformers_generate(
                   for r in read_lines(greedy["path"])[:num_examples]]
 
   tokenizer = transformers.GPT2TokenizerFast.from_pretrained(export_dir)
-  model = transformers.TFGPT2LMHeadModel.from_pretrained(export_dir)
+  # transformers 4.x's TF loader cannot read the PyTorch-layout
+  # model.safetensors; tf_model.h5 is the export's TF copy.
+  model = transformers.TFGPT2LMHeadModel.from_pretrained(
+      export_dir, use_safetensors=False)
   layout = task_specific.make_layout(tokenizer, **LAYOUT)
   # Temperature 0: the contexts are the best-scored neighbours, in order.
   prompts = [task_specific.prompt_ids(e["question_ids"],
@@ -339,6 +406,11 @@ def test_bad_inputs_are_one_line(world, tmp_path):
                      "--split=test", "--evaluate",
                      f"--gold_path={world['gold']}"),
                  "--evaluate: the test split has no gold answers")
+  bad_map = tmp_path / "title_map.json"
+  bad_map.write_text('{"Sky": 11}')
+  one_line_error(run("generation.py", f"--run_dir={world['run']}", output,
+                     f"--kilt_title_map={bad_map}"),
+                 "title 'Sky' maps to 11, expected a wikipedia_id string")
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -11,9 +11,11 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 import tensorflow_hub as hub
 import transformers
 
+import retrievers
 from util_scripts import make_demo_data
 import utils
 
@@ -51,9 +53,17 @@ def _kilt(output_dir, split):
                                   make_demo_data.SPLIT_FILES[split]))
 
 
-def _blocks(config):
+def _records(path):
   return [record.numpy().decode("utf-8")
-          for record in tf.data.TFRecordDataset(config["text_records"])]
+          for record in tf.data.TFRecordDataset(path)]
+
+
+def _blocks(config):
+  return _records(config["text_records"])
+
+
+def _titles(config):
+  return _records(config["title_records"])
 
 
 def _retriever_config(output_dir):
@@ -92,8 +102,8 @@ def test_kilt_files_have_kilt_format_and_sizes(world):
 def test_gold_blocks_state_the_fact_and_held_out_facts_are_only_there(world):
   output_dir, _ = world
   config = _retriever_config(output_dir)
-  blocks = _blocks(config)
-  assert len(blocks) == config["num_block_records"] == (
+  blocks, titles = _blocks(config), _titles(config)
+  assert len(blocks) == len(titles) == config["num_block_records"] == (
       TINY["num_train"] + TINY["num_validation"] + TINY["num_test"] +
       TINY["num_distractor_blocks"])
   train, dev = _kilt(output_dir, "train"), _kilt(output_dir, "validation")
@@ -101,9 +111,10 @@ def test_gold_blocks_state_the_fact_and_held_out_facts_are_only_there(world):
   for record in train + dev:
     [output] = record["output"]
     [provenance] = output["provenance"]
-    block = blocks[int(provenance["wikipedia_id"])]
-    title, text = block.split("\n\n")
-    assert title == provenance["title"]
+    # blocks.tfr holds the text alone, titles.tfr the title, as ORQA's.
+    block_id = int(provenance["wikipedia_id"])
+    title, text = titles[block_id], blocks[block_id]
+    assert title == provenance["title"] and "\n" not in text
     assert title in record["input"] and title in text
     assert all(word in text for word in _answer_words(output["answer"]))
     gold_ids.append(provenance["wikipedia_id"])
@@ -114,15 +125,63 @@ def test_gold_blocks_state_the_fact_and_held_out_facts_are_only_there(world):
     assert record["output"][0]["provenance"][0]["title"] not in train_text
 
 
+def test_knowledge_source_maps_every_gold_title_to_its_wikipedia_id(world):
+  output_dir, _ = world
+  pages = _read_jsonl(os.path.join(output_dir, "kilt",
+                                   make_demo_data.KNOWLEDGE_SOURCE_FILE))
+  titles = _titles(_retriever_config(output_dir))
+  # KILT's format: one page per title, its paragraphs the title first.
+  assert len(pages) == len(titles)
+  for block_id, page in enumerate(pages):
+    assert set(page) == {"_id", "wikipedia_id", "wikipedia_title", "text"}
+    assert page["_id"] == page["wikipedia_id"] == str(block_id)
+    assert page["wikipedia_title"] == titles[block_id]
+    assert page["text"][0] == titles[block_id] + "\n"
+  wikipedia_ids = {page["wikipedia_title"]: page["wikipedia_id"]
+                   for page in pages}
+  for record in _kilt(output_dir, "train") + _kilt(output_dir, "validation"):
+    [provenance] = record["output"][0]["provenance"]
+    assert wikipedia_ids[provenance["title"]] == provenance["wikipedia_id"]
+
+
+def test_embedder_is_a_tf1_hub_module_in_realms_layout(world):
+  embedder_dir = _retriever_config(world[0])["query_embedder_path"]
+  fixture_dir = os.path.join(REPO, "..", "shared", "fixtures", "realm_tf1_hub",
+                             "embedder")
+  for directory in (embedder_dir, fixture_dir):
+    with open(os.path.join(directory, "tfhub_module.pb"), "rb") as f:
+      assert f.read() == b"\x08\x03"
+  layouts = []
+  for directory in (embedder_dir, fixture_dir):
+    saved_model = saved_model_pb2.SavedModel()
+    with open(os.path.join(directory, "saved_model.pb"), "rb") as f:
+      saved_model.ParseFromString(f.read())
+    layouts.append([
+        (sorted(graph.meta_info_def.tags), sorted(graph.collection_def),
+         {name: (sorted(signature.inputs), sorted(signature.outputs))
+          for name, signature in graph.signature_def.items()})
+        for graph in saved_model.meta_graphs])
+  # Tag sets, collections and signatures are those of REALM/ORQA's export.
+  assert layouts[0] == layouts[1]
+  assert [tags for tags, _, _ in layouts[0]] == [["train"], []]
+  assert sorted(os.listdir(embedder_dir)) == [
+      "assets", "encoded", "saved_model.pb", "tfhub_module.pb", "variables"]
+  assert os.listdir(os.path.join(embedder_dir, "assets")) == ["vocab.txt"]
+
+
 def test_embedder_has_the_realm_signatures_and_matches_block_emb(world):
   output_dir, _ = world
   config = _retriever_config(output_dir)
   embedder = hub.load(config["query_embedder_path"])
   info = embedder.signatures["tokenization_info"]()
-  vocab_file = info["vocab_file"].numpy().decode()
-  assert vocab_file == os.path.join(config["query_embedder_path"], "assets",
-                                    "vocab.txt")
+  # As in every Hub export: the placeholder that only TF1 hub.Module rewrites.
+  assert info["vocab_file"].numpy() == b"SAVEDMODEL-ASSET"
   assert bool(info["do_lower_case"].numpy())
+  projected = embedder.signatures["projected"]
+  assert {name: (spec.dtype, spec.shape.as_list()) for name, spec in
+          projected.structured_input_signature[1].items()} == {
+              name: (tf.int32, [None, None])
+              for name in ("input_ids", "input_mask", "segment_ids")}
 
   block_emb = _block_emb(config)
   assert block_emb.shape == (config["num_block_records"], 128)
@@ -130,39 +189,42 @@ def test_embedder_has_the_realm_signatures_and_matches_block_emb(world):
   np.testing.assert_allclose(np.linalg.norm(block_emb, axis=1),
                              make_demo_data.EMBEDDING_NORM, rtol=1e-5)
 
-  # The stored block embeddings are the SavedModel applied to each block.
-  wordpieces = make_demo_data.load_wordpiece_tokenizer(vocab_file)
-  blocks = [tuple(block.split("\n\n")) for block in _blocks(config)]
-  projected = embedder.signatures["projected"]
+  # The stored block embeddings are the module applied to `[CLS] title [SEP]
+  # text [SEP]` of each block.
+  wordpieces = retrievers.QueryEmbedder(
+      config["query_embedder_path"]).wordpieces
+  blocks = list(zip(_titles(config), _blocks(config)))
+  features = make_demo_data.block_features(wordpieces, blocks)
+  first = features["input_ids"][0, :features["input_mask"][0].sum()]
+  assert (first == wordpieces.sep_id).sum() == 2
+  assert first[0] == wordpieces.cls_id and first[-1] == wordpieces.sep_id
   recomputed = make_demo_data.embed(
-      projected, make_demo_data.block_features(wordpieces, blocks))
+      lambda batch: projected(**{name: tf.constant(value) for name, value
+                                 in batch.items()})["default"].numpy(),
+      features)
   np.testing.assert_allclose(recomputed, block_emb, atol=1e-5)
 
 
 def test_query_tokenisation_matches_bert_tokenizer_and_recall_is_high(world):
   output_dir, stdout = world
   config = _retriever_config(output_dir)
-  embedder = hub.load(config["query_embedder_path"])
-  info = embedder.signatures["tokenization_info"]()
-  vocab_file = info["vocab_file"].numpy().decode()
+  embedder = retrievers.QueryEmbedder(config["query_embedder_path"])
+  vocab_file = embedder.wordpieces.vocab_file
+  assert vocab_file == os.path.join(config["query_embedder_path"], "assets",
+                                    "vocab.txt")
   records = [r for split in ("train", "validation") for r in
              _kilt(output_dir, split)]
   questions = [r["input"] for r in records]
 
-  features = make_demo_data.query_features(
-      make_demo_data.load_wordpiece_tokenizer(vocab_file), questions)
-  bert = transformers.BertTokenizer(
-      vocab_file, do_lower_case=bool(info["do_lower_case"].numpy()))
+  input_ids, input_mask = embedder.token_ids(questions)
+  bert = transformers.BertTokenizer(vocab_file, do_lower_case=True)
   for row, question in enumerate(questions):
     want = bert(question)["input_ids"]
-    assert list(features["input_ids"][row, :len(want)]) == want
-    assert features["input_mask"][row].sum() == len(want)
-  assert not features["segment_ids"].any()
-  assert "[UNK]" not in bert.convert_ids_to_tokens(
-      features["input_ids"].ravel().tolist())
+    assert list(input_ids[row, :len(want)]) == want
+    assert input_mask[row].sum() == len(want)
+  assert "[UNK]" not in bert.convert_ids_to_tokens(input_ids.ravel().tolist())
 
-  query_embeddings = make_demo_data.embed(embedder.signatures["projected"],
-                                          features)
+  query_embeddings = embedder.embed(questions)
   gold = [int(r["output"][0]["provenance"][0]["wikipedia_id"])
           for r in records]
   recall = make_demo_data.recall_at_k(query_embeddings, _block_emb(config),
@@ -175,16 +237,16 @@ def test_query_tokenisation_matches_bert_tokenizer_and_recall_is_high(world):
 
 def test_embedder_still_loads_after_the_directory_is_copied(world, tmp_path):
   output_dir, _ = world
+  original = _retriever_config(output_dir)["query_embedder_path"]
   copied = tmp_path / "embedder_copy"
-  shutil.copytree(_retriever_config(output_dir)["query_embedder_path"], copied)
-  embedder = hub.load(str(copied))
-  vocab_file = embedder.signatures["tokenization_info"]()["vocab_file"]
-  assert vocab_file.numpy().decode() == str(copied / "assets" / "vocab.txt")
-  ids = tf.constant([[2, 10, 3]], tf.int32)
-  output = embedder.signatures["projected"](
-      input_ids=ids, input_mask=tf.ones_like(ids),
-      segment_ids=tf.zeros_like(ids))["default"]
-  assert output.shape == (1, 128) and output.dtype == tf.float32
+  shutil.copytree(original, copied)
+  embedder = retrievers.QueryEmbedder(str(copied))
+  assert embedder.wordpieces.vocab_file == str(copied / "assets" / "vocab.txt")
+  questions = [r["input"] for r in _kilt(output_dir, "validation")]
+  embeddings = embedder.embed(questions)
+  assert embeddings.shape == (len(questions), 128)
+  np.testing.assert_array_equal(
+      embeddings, retrievers.QueryEmbedder(original).embed(questions))
 
 
 def test_gpt2_tokenizer_and_model_config_load(world):
@@ -202,20 +264,20 @@ def test_gpt2_tokenizer_and_model_config_load(world):
   ids = tokenizer(block)["input_ids"]
   assert tokenizer.decode(ids) == block
   # A made-up name is several pieces, not one token a model could learn whole.
-  title = block.split("\n\n")[0]
+  title = _titles(_retriever_config(output_dir))[0]
   assert len(tokenizer(" " + title.split()[0])["input_ids"]) >= 2
 
 
 def _file_hashes(output_dir):
-  names = [os.path.join("kilt", f) for f in make_demo_data.SPLIT_FILES.values()]
-  names += [os.path.join("realm", "blocks.tfr"),
-            os.path.join("realm", "embedder", "assets", "vocab.txt"),
-            os.path.join("tokenizer", "tokenizer.json"),
-            os.path.join("model_config", "config.json")]
+  """sha256 of every file of a world, its own directory written as "W"."""
   hashes = {}
-  for name in names:
-    with open(os.path.join(output_dir, name), "rb") as f:
-      hashes[name] = hashlib.sha256(f.read()).hexdigest()
+  for directory, _, names in os.walk(output_dir):
+    for name in names:
+      path = os.path.join(directory, name)
+      with open(path, "rb") as f:
+        content = f.read().replace(str(output_dir).encode(), b"W")
+      hashes[os.path.relpath(path, output_dir)] = hashlib.sha256(
+          content).hexdigest()
   return hashes
 
 
@@ -223,10 +285,18 @@ def test_same_seed_gives_identical_files(world, tmp_path):
   output_dir, _ = world
   again = tmp_path / "again"
   make_demo_data.build_world(again, seed=SEED, **TINY)
-  assert _file_hashes(again) == _file_hashes(output_dir)
-  np.testing.assert_array_equal(
-      _block_emb(_retriever_config(again)),
-      _block_emb(_retriever_config(output_dir)))
+  hashes = _file_hashes(again)
+  # Byte for byte, the embedder's graph and variables included.
+  assert hashes == _file_hashes(output_dir)
+  for name in ("saved_model.pb", "tfhub_module.pb",
+               os.path.join("variables", "variables.index"),
+               os.path.join("variables", "variables.data-00000-of-00001"),
+               os.path.join("assets", "vocab.txt"),
+               os.path.join("encoded", "encoded.ckpt.index")):
+    assert os.path.join("realm", "embedder", name) in hashes
+  assert {os.path.join("realm", "titles.tfr"),
+          os.path.join("kilt", make_demo_data.KNOWLEDGE_SOURCE_FILE),
+          "retriever_config.json"} <= set(hashes)
 
   other = tmp_path / "other"
   make_demo_data.build_world(other, seed=SEED + 1, **TINY)

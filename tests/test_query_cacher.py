@@ -3,8 +3,9 @@
 The script is run the way users run it (its flags would also clash with other
 entry scripts' flags in one test process). The cache is checked against a
 NumPy brute force computed independently of `retrievers.py`, a SIGKILLed run
-is resumed and compared byte for byte with an uninterrupted one, and bad
-inputs end with one line.
+is resumed and compared byte for byte with an uninterrupted one, REALM's own
+TF1 Hub export and real KILT lines (`../shared/fixtures/`) go through it, and
+bad inputs end with one line.
 """
 
 import json
@@ -18,11 +19,14 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_hub as hub
 import transformers
 
+import cache_fixtures
 import neighbour_cache
 import retrieval_fixtures
 from util_scripts import make_demo_data
+import utils
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHER = os.path.join(REPO_ROOT, "query_cacher_tfrecord.py")
@@ -50,12 +54,15 @@ def cacher_command(world, output_dir, *extra_flags, dataset_root=None):
           *CACHE_FLAGS, *extra_flags]
 
 
-def run_cacher(world, output_dir, *extra_flags, dataset_root=None):
+def run_command(command):
   return subprocess.run(
-      cacher_command(world, output_dir, *extra_flags,
-                     dataset_root=dataset_root),
-      capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+      command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), check=False)
+
+
+def run_cacher(world, output_dir, *extra_flags, dataset_root=None):
+  return run_command(cacher_command(world, output_dir, *extra_flags,
+                                    dataset_root=dataset_root))
 
 
 @pytest.fixture(name="cache_dir", scope="module")
@@ -85,15 +92,15 @@ def kilt_records(world, split):
 
 
 def brute_force_neighbours(world, questions):
-  """Top neighbours by NumPy, from the embedder's own signature and wordpieces."""
+  """Top neighbours by NumPy, from the embedder's own signature and BERT's tokenizer."""
   embedder_dir = world["paths"]["embedder"]
-  embedder = tf.saved_model.load(embedder_dir)
-  wordpieces = make_demo_data.load_wordpiece_tokenizer(
-      os.path.join(embedder_dir, "assets", "vocab.txt"))
-  features = make_demo_data.query_features(wordpieces, questions)
-  queries = embedder.signatures["projected"](
-      **{name: tf.constant(value) for name, value in features.items()}
-  )["default"].numpy()
+  projected = hub.load(embedder_dir).signatures["projected"]
+  bert = transformers.BertTokenizer(
+      os.path.join(embedder_dir, "assets", "vocab.txt"), do_lower_case=True)
+  queries = np.concatenate([projected(
+      input_ids=tf.constant([ids]), input_mask=tf.ones([1, len(ids)], tf.int32),
+      segment_ids=tf.zeros([1, len(ids)], tf.int32))["default"].numpy()
+                            for ids in bert(questions)["input_ids"]])
   block_emb = tf.train.load_variable(
       os.path.join(embedder_dir, "encoded", "encoded.ckpt"), "block_emb")
   return retrieval_fixtures.brute_force_top_k(queries, block_emb,
@@ -118,6 +125,9 @@ def test_cache_holds_every_question_with_brute_force_neighbours(world,
   manifest = neighbour_cache.read_manifest(cache_dir)
   assert manifest["num_neighbours"] == NUM_NEIGHBOURS
   assert manifest["num_blocks"] == world["num_blocks"]
+  assert manifest["titles_path"] == world["paths"]["titles"]
+  assert manifest["max_query_length"] == 0
+  assert manifest["context_with_title"] is False
   assert manifest["search"] == {"kind": "exact"}
   assert manifest["tokenizer_fingerprint"] == (
       neighbour_cache.tokenizer_fingerprint(tokenizer))
@@ -267,3 +277,112 @@ def test_scann_cache_saves_its_index_and_records_its_config(world, tmp_path):
   records = read_split(output_dir, "test")
   np.testing.assert_array_equal(
       [r["neighbour_block_ids"] for r in records], expected_ids)
+
+
+def test_old_manifest_without_titles_path_reads_as_none(tmp_path):
+  manifest = cache_fixtures.write_cache(
+      str(tmp_path), {"validation": cache_fixtures.random_records(
+          2, num_neighbours=2, vocab_size=50, seed=0)},
+      num_neighbours=2, vocab_size=50)
+  assert "titles_path" not in manifest
+  assert neighbour_cache.read_manifest(str(tmp_path))["titles_path"] is None
+
+
+def _write_config(path, **config):
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(config, f)
+  return str(path)
+
+
+def test_context_with_title_caches_title_and_text(world, tmp_path):
+  output_dir = str(tmp_path / "cache")
+  result = run_cacher(world, output_dir, "--splits=validation",
+                      "--context_with_title")
+  assert result.returncode == 0, result.stderr
+  manifest = neighbour_cache.read_manifest(output_dir)
+  assert manifest["context_with_title"] is True
+  tokenizer = transformers.GPT2TokenizerFast.from_pretrained(
+      world["paths"]["tokenizer"])
+  read = lambda path: [record.decode("utf-8") for record in
+                       tf.data.TFRecordDataset(path).as_numpy_iterator()]
+  texts, titles = read(world["paths"]["blocks"]), read(world["paths"]["titles"])
+  for record in read_split(output_dir, "validation"):
+    assert record["neighbours"] == [
+        tokenizer(f" {titles[i]}: {texts[i]}")["input_ids"][:MAX_BLOCK_TOKENS]
+        for i in record["neighbour_block_ids"]]
+
+
+def test_context_with_title_without_titles_is_refused(world, tmp_path):
+  paths = world["paths"]
+  config = _write_config(tmp_path / "retriever.json",
+                         query_embedder_path=paths["embedder"],
+                         text_records=paths["blocks"],
+                         num_block_records=world["num_blocks"])
+  output_dir = str(tmp_path / "cache")
+  result = run_cacher(world, output_dir, f"--retriever_config_path={config}",
+                      "--context_with_title")
+  _assert_one_line_error(result, f"--context_with_title: {config} has no "
+                         "title_records")
+  assert not os.path.exists(output_dir)
+
+
+def test_titles_of_another_count_and_short_max_query_length_are_refused(
+    world, tmp_path):
+  paths = world["paths"]
+  titles = str(tmp_path / "titles.tfr")
+  retrieval_fixtures.write_blocks(titles, ["only", "two"])
+  config = _write_config(tmp_path / "retriever.json",
+                         query_embedder_path=paths["embedder"],
+                         text_records=paths["blocks"], title_records=titles,
+                         num_block_records=world["num_blocks"])
+  output_dir = str(tmp_path / "cache")
+  result = run_cacher(world, output_dir, f"--retriever_config_path={config}")
+  _assert_one_line_error(
+      result, f"{titles}: holds 2 titles, but {paths['blocks']} holds "
+      f"{world['num_blocks']} blocks")
+  result = run_cacher(world, output_dir, "--max_query_length=1")
+  _assert_one_line_error(result, "--max_query_length=1: expected 0 (no cut) "
+                         "or at least 2")
+  assert not os.path.exists(output_dir)
+
+
+def test_realm_tf1_hub_export_and_real_kilt_lines_are_cached(tmp_path):
+  """Acceptance: the cacher runs to the end on REALM's own export format."""
+  tokenizer_dir = str(tmp_path / "tokenizer")
+  tokenizer = cache_fixtures.write_tokenizer(tokenizer_dir)
+  config_path = os.path.join(retrieval_fixtures.REALM_TF1_HUB,
+                             "retriever_config.json")
+  output_dir = str(tmp_path / "cache")
+  command = [sys.executable, CACHER, f"--retriever_config_path={config_path}",
+             f"--dataset_root={retrieval_fixtures.KILT_ELI5_SAMPLE}",
+             f"--output_dir={output_dir}", f"--tokenizer={tokenizer_dir}",
+             "--num_neighbours=8", "--num_shards=2", "--batch_size=3",
+             "--max_block_tokens=16", "--context_with_title"]
+  # The fixture is read-only: block offsets go to a cache dir of the test's.
+  result = subprocess.run(
+      command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               XDG_CACHE_HOME=str(tmp_path / "xdg")), check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  manifest = neighbour_cache.read_manifest(output_dir)
+  config = utils.read_json(config_path)
+  assert manifest["titles_path"] == os.path.join(
+      retrieval_fixtures.REALM_TF1_HUB, config["title_records"])
+  read = lambda path: [record.decode("utf-8") for record in
+                       tf.data.TFRecordDataset(path).as_numpy_iterator()]
+  texts = read(manifest["blocks_path"])
+  titles = read(manifest["titles_path"])
+  for split in neighbour_cache.SPLITS:
+    records = read_split(output_dir, split)
+    path = os.path.join(retrieval_fixtures.KILT_ELI5_SAMPLE,
+                        make_demo_data.SPLIT_FILES[split])
+    with open(path, encoding="utf-8") as f:
+      kilt = [json.loads(line) for line in f if line.strip()]
+    assert [r["id"].decode() for r in records] == [k["id"] for k in kilt]
+    for record in records:
+      # All 8 blocks, best first.
+      assert sorted(record["neighbour_block_ids"]) == list(range(8))
+      assert np.all(np.diff(record["neighbour_scores"]) <= 0)
+      assert record["neighbours"] == [
+          tokenizer(f" {titles[i]}: {texts[i]}")["input_ids"][:16]
+          for i in record["neighbour_block_ids"]]

@@ -234,8 +234,10 @@ def test_subset_loads_with_the_real_loaders_and_matches_the_source(tmp_path):
   block_emb = retrievers.load_block_embeddings(
       config["query_embedder_path"], 15)
   np.testing.assert_array_equal(block_emb, files["block_emb"][chosen])
-  store = retrievers.BlockStore(config["text_records"], 15)
+  store = retrievers.BlockStore(config["text_records"], 15,
+                                titles_path=config["title_records"])
   assert store.texts(range(15)) == [files["texts"][i] for i in chosen]
+  assert store.titles(range(15)) == [files["titles"][i] for i in chosen]
   questions = ["why is the sky blue", "ice floating"]
   np.testing.assert_allclose(
       retrievers.QueryEmbedder(config["query_embedder_path"]).embed(questions),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -98,11 +99,20 @@ def test_exact_search_refuses_more_neighbours_than_blocks():
 # ---------------------------------------------------------------------------
 
 
-def test_retriever_config_resolves_relative_paths(retriever_files):
+def test_retriever_config_resolves_relative_paths(retriever_files, tmp_path):
   config = retrievers.load_retriever_config(retriever_files["config_path"])
   assert config == {"query_embedder_path": retriever_files["embedder"],
                     "text_records": retriever_files["blocks"],
+                    "title_records": retriever_files["titles_path"],
                     "num_block_records": 50}
+  # title_records is optional: no titles.
+  path = tmp_path / "retriever.json"
+  path.write_text(json.dumps({"query_embedder_path": "/e",
+                              "text_records": "b.tfr",
+                              "num_block_records": 3}))
+  assert retrievers.load_retriever_config(str(path)) == {
+      "query_embedder_path": "/e", "text_records": str(tmp_path / "b.tfr"),
+      "title_records": None, "num_block_records": 3}
 
 
 @pytest.mark.parametrize("content, message", [
@@ -111,6 +121,8 @@ def test_retriever_config_resolves_relative_paths(retriever_files):
      "num_block_records is '3', expected a int"),
     ({"query_embedder_path": "e", "text_records": "b", "num_block_records": 3,
       "extra": 1}, "unknown key"),
+    ({"query_embedder_path": "e", "text_records": "b", "num_block_records": 3,
+      "title_records": 7}, "title_records is 7, expected a str"),
 ])
 def test_retriever_config_errors_name_file_and_key(tmp_path, content, message):
   path = tmp_path / "retriever.json"
@@ -209,30 +221,128 @@ def test_scann_recall_and_save_load_round_trip(tmp_path):
 
 
 def test_query_embedder_layout_and_embedding(retriever_files):
-  embedder = retrievers.QueryEmbedder(retriever_files["embedder"],
-                                      max_query_length=8)
+  embedder = retrievers.QueryEmbedder(retriever_files["embedder"])
+  # A TF2 SavedModel names its vocabulary file itself; it has no BERT
+  # position embeddings, so nothing is cut.
+  assert embedder.wordpieces.vocab_file.startswith(retriever_files["embedder"])
+  assert embedder.max_query_length is None
   vocab = {token: i for i, token in enumerate(retrieval_fixtures.VOCAB)}
   input_ids, input_mask = embedder.token_ids(
-      ["Why is the SKY blue?", "ice floating bird fly south winter cold hot"])
-  # Lower-cased wordpieces, [CLS] q [SEP], padded; "?" is not in the
-  # vocabulary; the long question is cut and still ends with [SEP].
-  expected_first = ["[CLS]", "why", "is", "the", "sky", "blue", "[UNK]",
-                    "[SEP]"]
-  expected_second = ["[CLS]", "ice", "float", "##ing", "bird", "fly", "south",
-                     "[SEP]"]
-  assert input_ids.tolist() == [[vocab[t] for t in expected_first],
-                                [vocab[t] for t in expected_second]]
-  assert input_mask.tolist() == [[1] * 8, [1] * 8]
-  short_ids, short_mask = embedder.token_ids(["sky"])
-  assert short_ids.tolist() == [[vocab["[CLS]"], vocab["sky"], vocab["[SEP]"]]
-                                + [vocab["[PAD]"]] * 5]
-  assert short_mask.tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]]
+      ["Why is the SKY blue?", "sky"])
+  # Lower-cased wordpieces, [CLS] q [SEP]; "?" is not in the vocabulary; the
+  # batch is padded to its longest question with id 0 and mask 0.
+  expected = ["[CLS]", "why", "is", "the", "sky", "blue", "[UNK]", "[SEP]"]
+  assert input_ids.tolist() == [
+      [vocab[t] for t in expected],
+      [vocab["[CLS]"], vocab["sky"], vocab["[SEP]"]] + [0] * 5]
+  assert input_mask.tolist() == [[1] * 8, [1, 1, 1, 0, 0, 0, 0, 0]]
 
   embeddings = embedder.embed(["sky", "Why is the SKY blue?"], batch_size=1)
   table = retriever_files["table"]
-  expected = np.stack([table[short_ids[0, :3]].mean(0),
-                       table[input_ids[0]].mean(0)])
-  np.testing.assert_allclose(embeddings, expected, rtol=1e-5, atol=1e-6)
+  expected_embeddings = np.stack([table[input_ids[1, :3]].mean(0),
+                                  table[input_ids[0]].mean(0)])
+  np.testing.assert_allclose(embeddings, expected_embeddings, rtol=1e-5,
+                             atol=1e-6)
+  cut = retrievers.QueryEmbedder(retriever_files["embedder"],
+                                 max_query_length=5)
+  long_ids, _ = cut.token_ids(["ice floating bird fly south winter"])
+  assert long_ids.tolist() == [[vocab[t] for t in (
+      "[CLS]", "ice", "float", "##ing", "[SEP]")]]
+
+
+def _fixture_questions():
+  with open(os.path.join(retrieval_fixtures.REALM_TF1_HUB, "questions.json"),
+            encoding="utf-8") as f:
+    questions = json.load(f)
+  with open(os.path.join(retrieval_fixtures.REALM_TF1_HUB, "reference.json"),
+            encoding="utf-8") as f:
+    return questions, json.load(f)
+
+
+def test_realm_tf1_hub_embedder_feeds_orqa_ids_and_gives_orqa_embeddings():
+  config = retrievers.load_retriever_config(os.path.join(
+      retrieval_fixtures.REALM_TF1_HUB, "retriever_config.json"))
+  embedder = retrievers.QueryEmbedder(config["query_embedder_path"])
+  # tokenization_info names SAVEDMODEL-ASSET: the vocabulary is the asset.
+  assert embedder.wordpieces.vocab_file == os.path.join(
+      config["query_embedder_path"], "assets", "vocab.txt")
+  # Not cut but at BERT's 512 positions.
+  assert embedder.max_query_length == 512
+  questions, reference = _fixture_questions()
+  input_ids, input_mask = embedder.token_ids(questions)
+  for row, orqa_ids in enumerate(reference["orqa_ids"]):
+    length = int(input_mask[row].sum())
+    assert input_ids[row, :length].tolist() == orqa_ids, questions[row]
+    assert not input_mask[row, length:].any()
+    assert not input_ids[row, length:].any()
+  # Padded batches of several sizes give each question's own embedding.
+  for batch_size in (1, 3, len(questions)):
+    np.testing.assert_allclose(
+        embedder.embed(questions, batch_size=batch_size),
+        np.array(reference["orqa_emb"], np.float32), rtol=0, atol=1e-5)
+
+
+def test_max_query_length_cuts_and_is_checked():
+  embedder_path = os.path.join(retrieval_fixtures.REALM_TF1_HUB, "embedder")
+  questions, reference = _fixture_questions()
+  long_question = max(range(len(questions)),
+                      key=lambda row: len(reference["orqa_ids"][row]))
+  embedder = retrievers.QueryEmbedder(embedder_path, max_query_length=16)
+  input_ids, input_mask = embedder.token_ids([questions[long_question]])
+  orqa_ids = reference["orqa_ids"][long_question]
+  assert input_ids.tolist() == [orqa_ids[:15] + orqa_ids[-1:]]
+  assert input_mask.tolist() == [[1] * 16]
+  for bad in (1, -4):
+    with pytest.raises(utils.UserError, match=(
+        f"max_query_length={bad}: expected 0 .* or at least 2")):
+      retrievers.QueryEmbedder(embedder_path, max_query_length=bad)
+
+
+def test_position_limit_read_from_the_variables_checkpoint(retriever_files):
+  assert retrievers.position_limit(
+      os.path.join(retrieval_fixtures.REALM_TF1_HUB, "embedder")) == 512
+  assert retrievers.position_limit(retriever_files["embedder"]) is None
+
+
+def _copy_fixture_embedder(destination, *skipped_names):
+  shutil.copytree(os.path.join(retrieval_fixtures.REALM_TF1_HUB, "embedder"),
+                  destination, copy_function=shutil.copyfile,
+                  ignore=shutil.ignore_patterns(*skipped_names))
+  return str(destination)
+
+
+def test_hub_module_vocabulary_is_its_one_asset_or_an_error(tmp_path):
+  # No vocab.txt, but one asset file: it is the vocabulary.
+  renamed = _copy_fixture_embedder(tmp_path / "renamed", "vocab.txt")
+  shutil.copyfile(
+      os.path.join(retrieval_fixtures.REALM_TF1_HUB, "embedder", "assets",
+                   "vocab.txt"), os.path.join(renamed, "assets", "words.txt"))
+  embedder = retrievers.QueryEmbedder(renamed)
+  assert embedder.wordpieces.vocab_file == os.path.join(renamed, "assets",
+                                                        "words.txt")
+  # No asset at all.
+  empty = _copy_fixture_embedder(tmp_path / "empty", "vocab.txt")
+  with pytest.raises(utils.UserError) as error:
+    retrievers.QueryEmbedder(empty)
+  assert str(error.value) == (
+      f"{empty}: tokenization_info's vocab_file is 'SAVEDMODEL-ASSET' and "
+      "assets/ holds no file, expected the wordpiece vocabulary in "
+      "assets/vocab.txt")
+  # Several assets, none named vocab.txt.
+  shutil.copyfile(os.path.join(renamed, "assets", "words.txt"),
+                  os.path.join(empty, "assets", "a.txt"))
+  shutil.copyfile(os.path.join(renamed, "assets", "words.txt"),
+                  os.path.join(empty, "assets", "b.txt"))
+  with pytest.raises(utils.UserError, match="assets/ holds a.txt, b.txt"):
+    retrievers.QueryEmbedder(empty)
+  # A vocabulary without BERT's special pieces.
+  with open(os.path.join(empty, "assets", "a.txt"), "w",
+            encoding="utf-8") as f:
+    f.write("the\nsky\n")
+  os.remove(os.path.join(empty, "assets", "b.txt"))
+  with pytest.raises(utils.UserError,
+                     match=r"a.txt: no \[CLS\], \[SEP\], \[UNK\]"):
+    retrievers.QueryEmbedder(empty)
 
 
 def test_query_embedder_without_projected_signature(tmp_path):
@@ -256,12 +366,13 @@ def test_query_embedder_without_projected_signature(tmp_path):
 def test_block_store_reads_by_offset_and_saves_offsets(tmp_path,
                                                        monkeypatch):
   texts = retrieval_fixtures.block_texts(30)
-  texts[7] = "Long\n\n" + "x" * 100000  # Longer than one read of the scan.
+  texts[7] = "x" * 100000  # Longer than one read of the scan.
   path = str(tmp_path / "blocks.tfr")
   retrieval_fixtures.write_blocks(path, texts)
   store = retrievers.BlockStore(path, 30)
   assert store.text(5) == texts[5]
-  assert store.title(5) == "Title 5 é"
+  # No titles file: no title is made up.
+  assert store.title(5) is None and store.titles([5, 6]) == [None, None]
   assert store.texts([29, 7, 0, 7]) == [texts[29], texts[7], texts[0],
                                         texts[7]]
   offsets = np.load(path + ".offsets.npy")
@@ -274,23 +385,57 @@ def test_block_store_reads_by_offset_and_saves_offsets(tmp_path,
     patch.setattr(retrievers, "_scan_record_offsets", no_scan)
     assert retrievers.BlockStore(path, 30).text(29) == texts[29]
   # A changed file is indexed again.
-  retrieval_fixtures.write_blocks(path, texts[:29] + ["new\n\nlast"])
-  assert retrievers.BlockStore(path, 30).text(29) == "new\n\nlast"
+  retrieval_fixtures.write_blocks(path, texts[:29] + ["new last"])
+  assert retrievers.BlockStore(path, 30).text(29) == "new last"
+
+
+def test_block_store_titles_come_from_titles_tfr(tmp_path, monkeypatch):
+  # The fixture's directory is read-only: offsets go to the cache dir.
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  config = retrievers.load_retriever_config(os.path.join(
+      retrieval_fixtures.REALM_TF1_HUB, "retriever_config.json"))
+  read = lambda path: [record.decode("utf-8") for record in
+                       tf.data.TFRecordDataset(path).as_numpy_iterator()]
+  titles, texts = read(config["title_records"]), read(config["text_records"])
+  store = retrievers.BlockStore(config["text_records"], 8,
+                                titles_path=config["title_records"])
+  assert store.titles_path == config["title_records"]
+  assert [store.title(i) for i in range(8)] == titles
+  assert store.titles([6, 0, 6]) == [titles[6], titles[0], titles[6]]
+  assert store.texts(range(8)) == texts
+  assert titles[6] == "Café"  # Non-ASCII, as written by ORQA.
+  without = retrievers.BlockStore(config["text_records"], 8)
+  assert without.title(0) is None and without.text(0) == texts[0]
+  with pytest.raises(IndexError):
+    store.title(8)
+
+
+def test_block_store_refuses_titles_of_another_count(tmp_path):
+  blocks, titles = str(tmp_path / "blocks.tfr"), str(tmp_path / "titles.tfr")
+  retrieval_fixtures.write_blocks(blocks, ["a", "b", "c"])
+  retrieval_fixtures.write_blocks(titles, ["A", "B"])
+  with pytest.raises(utils.UserError) as error:
+    retrievers.BlockStore(blocks, 3, titles_path=titles)
+  assert str(error.value) == (
+      f"{titles}: holds 2 titles, but {blocks} holds 3 blocks, expected one "
+      "title per block")
+  with pytest.raises(utils.UserError, match="titles file does not exist"):
+    retrievers.BlockStore(blocks, 3, titles_path=str(tmp_path / "none.tfr"))
 
 
 def test_block_store_falls_back_to_a_local_cache_dir(tmp_path, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   path = str(tmp_path / "blocks.tfr")
-  retrieval_fixtures.write_blocks(path, ["a\n\nb", "c\n\nd"])
+  retrieval_fixtures.write_blocks(path, ["a b", "c d"])
   # A directory where the offsets file would go: beside the data is not
   # writable.
   os.makedirs(path + ".offsets.npy")
-  assert retrievers.BlockStore(path, 2).texts([1, 0]) == ["c\n\nd", "a\n\nb"]
+  assert retrievers.BlockStore(path, 2).texts([1, 0]) == ["c d", "a b"]
   saved = [name for _, _, names in os.walk(tmp_path / "cache")
            for name in names]
   assert saved == [next(n for n in saved if n.endswith(
       "blocks.tfr.offsets.npy"))]
-  assert retrievers.BlockStore(path, 2).text(0) == "a\n\nb"
+  assert retrievers.BlockStore(path, 2).text(0) == "a b"
 
 
 def test_block_store_bad_files(tmp_path):
@@ -333,6 +478,8 @@ def test_live_retriever_exact_equals_brute_force(retriever_files):
                              atol=1e-5)
   assert retrieval.texts == [[retriever_files["texts"][i] for i in row]
                              for row in expected_ids]
+  assert retriever.blocks.titles(expected_ids[0]) == [
+      retriever_files["titles"][i] for i in expected_ids[0]]
   with pytest.raises(utils.UserError, match="51 neighbours"):
     retriever.retrieve(questions, 51)
 

@@ -70,8 +70,10 @@ def test_layout_on_many_generated_examples():
     # Real tokens first, then padding; never longer than the sequence.
     assert attention.tolist() == [1] * length + [0] * (
         layout.sequence_length - length)
-    # Labels cover exactly the (cut) answer and the final EOS, at the end.
-    expected_answer = answer[:layout.max_answer_tokens] + [layout.eos_id]
+    # Labels cover exactly the (cut) answer, at the end, and the EOS when the
+    # answer is whole.
+    expected_answer = answer[:layout.max_answer_tokens] + (
+        [layout.eos_id] if len(answer) <= layout.max_answer_tokens else [])
     label_positions = np.flatnonzero(labels)
     assert ids[label_positions].tolist() == expected_answer
     assert label_positions.tolist() == list(
@@ -100,8 +102,27 @@ def test_layout_on_many_generated_examples():
             else len(layout.context_helper))
     counts["once"] += (layout.context_helper_mode == "once" and
                        len(contexts) > 1 and bool(context_part))
+    counts["cut answer"] += len(answer) > layout.max_answer_tokens
   # The generated cases exercise cut, whole and shared-helper contexts.
   assert min(counts.values()) >= 20, counts
+
+
+def test_a_cut_answer_has_no_eos_and_a_whole_one_does():
+  """Issue 11: an answer cut at max_answer_tokens must not teach a stop."""
+  layout = task_specific.Layout(
+      sequence_length=16, max_question_tokens=2, max_answer_tokens=3,
+      max_context_tokens=2, eos_id=0)
+
+  def labelled(answer):
+    features = task_specific.lay_out_example(
+        tf.constant([7, 8], tf.int32), task_specific.no_contexts(),
+        tf.constant(answer, tf.int32), layout)
+    return features["input_ids"].numpy()[
+        features["label_mask"].numpy() == 1].tolist()
+
+  assert labelled([11, 12, 13]) == [11, 12, 13, 0]  # whole: ends with EOS
+  assert labelled([11, 12, 13, 14]) == [11, 12, 13]  # cut: no EOS
+  assert labelled([]) == [0]
 
 
 def test_reference_rule_drops_a_context_when_only_its_helper_fits():

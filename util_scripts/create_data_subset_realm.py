@@ -6,6 +6,8 @@ r"""A random subset of a REALM corpus, in the same formats, for debugging.
 
 Writes into `--output_dir`:
   blocks.tfr              the chosen blocks' records (raw UTF-8, unchanged)
+  titles.tfr              their page titles, when the corpus has titles
+                          (`title_records`)
   embedder/               a copy of the query embedder (SavedModel, assets),
     encoded/encoded.ckpt  with `block_emb` holding the chosen rows only
   original_block_ids.npy  int64 [num_blocks]: subset id i -> original id
@@ -14,7 +16,8 @@ Writes into `--output_dir`:
 
 The chosen blocks are drawn without replacement, deterministically from
 `--seed`, and kept in their original order: block i of the subset is the
-i-th smallest chosen original id, in the text, the embeddings and the mapping.
+i-th smallest chosen original id, in the text, the titles, the embeddings and
+the mapping.
 The source's block embeddings are read whole (6.8 GB for the public corpus);
 its text is read block by block.
 """
@@ -47,6 +50,7 @@ _FLAG_SEED = flags.DEFINE_integer(
 
 RETRIEVER_CONFIG_NAME = "retriever_config.json"
 BLOCKS_NAME = "blocks.tfr"
+TITLES_NAME = "titles.tfr"
 EMBEDDER_NAME = "embedder"
 ORIGINAL_IDS_NAME = "original_block_ids.npy"
 SUBSET_NAME = "subset.json"
@@ -98,7 +102,8 @@ def create_subset(retriever_config_path, num_blocks, output_dir, seed):
     raise utils.UserError(
         f"--output_dir={output_dir}: already holds a finished subset "
         f"({RETRIEVER_CONFIG_NAME}); choose another directory or delete it")
-  store = retrievers.BlockStore(config["text_records"], num_source_blocks)
+  store = retrievers.BlockStore(config["text_records"], num_source_blocks,
+                                titles_path=config["title_records"])
   block_emb = retrievers.load_block_embeddings(config["query_embedder_path"],
                                                num_source_blocks)
   chosen = choose_blocks(num_source_blocks, num_blocks, seed)
@@ -108,6 +113,14 @@ def create_subset(retriever_config_path, num_blocks, output_dir, seed):
   records = (store.text(block_id).encode("utf-8") for block_id in tqdm.tqdm(
       chosen, desc="blocks", unit="block"))
   tf_utils.write_tfrecords(os.path.join(output_dir, BLOCKS_NAME), records)
+  subset_config = {"query_embedder_path": EMBEDDER_NAME,
+                   "text_records": BLOCKS_NAME,
+                   "num_block_records": num_blocks}
+  if config["title_records"]:
+    titles = (store.title(block_id).encode("utf-8") for block_id in tqdm.tqdm(
+        chosen, desc="titles", unit="block"))
+    tf_utils.write_tfrecords(os.path.join(output_dir, TITLES_NAME), titles)
+    subset_config["title_records"] = TITLES_NAME
   embedder_dir = os.path.join(output_dir, EMBEDDER_NAME)
   copy_embedder(config["query_embedder_path"], embedder_dir)
   retrievers.write_block_embeddings(embedder_dir, subset_emb)
@@ -117,9 +130,7 @@ def create_subset(retriever_config_path, num_blocks, output_dir, seed):
       "source_num_blocks": num_source_blocks, "num_blocks": num_blocks,
       "seed": seed, "original_block_ids": ORIGINAL_IDS_NAME})
   # Relative paths: the subset can be moved as a whole.
-  utils.atomic_write_json(config_path, {
-      "query_embedder_path": EMBEDDER_NAME, "text_records": BLOCKS_NAME,
-      "num_block_records": num_blocks})
+  utils.atomic_write_json(config_path, subset_config)
   return chosen
 
 

@@ -4,9 +4,13 @@ Every artefact has the format of the real one (see DESIGN.md), so the demo runs
 the code paths of a real run:
 
   W/kilt/eli5-{train,dev,test_without_answers}-kilt.jsonl
-  W/realm/blocks.tfr                    raw UTF-8 records: title, blank line, text
-  W/realm/embedder/                     SavedModel with the REALM signatures,
-                                        assets/vocab.txt, encoded/encoded.ckpt
+  W/kilt/kilt_knowledgesource.json      KILT's knowledge source: a page per title
+  W/realm/blocks.tfr                    raw UTF-8 records: the text of block i
+  W/realm/titles.tfr                    raw UTF-8 records: the title of block i
+  W/realm/embedder/                     a TF1 Hub module in REALM's layout
+                                        (tfhub_module.pb, saved_model.pb,
+                                        variables/, assets/vocab.txt) with the
+                                        REALM signatures, encoded/encoded.ckpt
   W/retriever_config.json               absolute paths + num_block_records
   W/tokenizer/                          GPT-2 byte-level BPE (GPT2TokenizerFast)
   W/model_config/config.json            a small GPT-2
@@ -21,8 +25,11 @@ blocks about other made-up entities share the style.
 
 The embedder is a deterministic "toy REALM": an IDF-weighted bag of BERT
 wordpieces through a fixed random projection to 128 dimensions, scaled to norm 4.
-Block embeddings are the same function applied to `[CLS] title [SEP] text
-[SEP]`, so a question scores its gold block highest (recall@5 is printed).
+It is exported as REALM exports theirs, a TF1 Hub module whose graph names its
+vocabulary by the placeholder `SAVEDMODEL-ASSET`, so the demo loads it through
+the same path as the real embedder. Block embeddings are the same function
+applied to `[CLS] title [SEP] text [SEP]` as ORQA's `encode_blocks.py` lays
+them out, so a question scores its gold block highest (recall@5 is printed).
 
 Usage:
   python util_scripts/make_demo_data.py --output_dir=demo_out/world [--seed=0]
@@ -40,6 +47,7 @@ import time
 from absl import flags
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 import tokenizers
 import tqdm
 import transformers
@@ -74,8 +82,7 @@ EMBEDDING_SIZE = 128
 # vanishes in a softmax at retrieval temperature 1; at norm 4 the gap is ~3
 # nats, so sampling contexts at temperature 1 mostly draws the gold block first.
 EMBEDDING_NORM = 4.0
-# REALM's query and candidate lengths (query_seq_len, candidate_seq_len).
-QUERY_MAX_LENGTH = 64
+# ORQA's candidate length (encode_blocks.py); queries are not cut.
 BLOCK_MAX_LENGTH = 288
 DO_LOWER_CASE = True
 GPT2_SPECIAL_TOKEN = "<|endoftext|>"
@@ -84,6 +91,12 @@ SPLIT_FILES = {
     "validation": "eli5-dev-kilt.jsonl",
     "test": "eli5-test_without_answers-kilt.jsonl",
 }
+KNOWLEDGE_SOURCE_FILE = "kilt_knowledgesource.json"
+# What a TF1 Hub export writes as tfhub_module.pb: a ModuleDef of format 3.
+HUB_MODULE_DEF = b"\x08\x03"
+# The TF1 Hub module's tag sets: with dropout ({"train"}) and inference ({}).
+# The toy embedder has no dropout, so both hold the same graph.
+HUB_TAG_SETS = (["train"], [])
 # A small GPT-2, as measured in DESIGN.md ("The embedded default"). Dropout is
 # off: facts never repeat, so there is nothing to over-fit, and dropout only
 # slows down learning to copy from the context in the demo's few steps.
@@ -244,9 +257,17 @@ def kilt_lines(questions, blocks, with_answers):
   return "".join(lines)
 
 
-def block_record(title, text):
-  """One blocks.tfr record: raw UTF-8, title, a blank line, then the text."""
-  return f"{title}\n\n{text}".encode("utf-8")
+def knowledge_source_lines(blocks):
+  """KILT's knowledge source, a page per block: its `wikipedia_id` is the block id.
+
+  The ids the KILT gold provenance names (`kilt_lines`), so a title ->
+  wikipedia_id map built from this file resolves every gold title. A page's
+  `text` is its paragraphs, the title first, as in KILT's file.
+  """
+  return "".join(json.dumps({
+      "_id": str(block_id), "wikipedia_id": str(block_id),
+      "wikipedia_title": title, "text": [f"{title}\n", f"{text}\n"],
+  }) + "\n" for block_id, (title, text) in enumerate(blocks))
 
 
 # ---------------------------------------------------------------------------
@@ -269,76 +290,121 @@ def wordpiece_vocabulary():
   return specials + punctuation + words + continuations
 
 
-def load_wordpiece_tokenizer(vocab_file, do_lower_case=DO_LOWER_CASE):
-  """The BERT wordpiece tokenizer the toy embedder's inputs are made with.
+def block_features(wordpieces, blocks, max_length=BLOCK_MAX_LENGTH):
+  """REALM candidate inputs of (title, text) pairs, as ORQA's encode_blocks.py.
 
-  `encode(q)` gives `[CLS] q [SEP]`; `encode(title, text)` gives
-  `[CLS] title [SEP] text [SEP]` with segment ids 0 then 1.
+  `[CLS] title [SEP] text [SEP]`, segment ids 0 then 1, the title cut to
+  `max_length - 3` wordpieces and the text to what is left
+  (`bert_utils.pad_or_truncate_pair`); zero-padded to the longest.
   """
-  return tokenizers.BertWordPieceTokenizer(vocab_file,
-                                           lowercase=do_lower_case)
+  title_ids = wordpieces.ids(title for title, _ in blocks)
+  text_ids = wordpieces.ids(text for _, text in blocks)
+  sequences, segment_ids = [], []
+  for title, text in zip(title_ids, text_ids):
+    title = title[:max_length - 3]
+    text = text[:max_length - 3 - len(title)]
+    sequences.append([wordpieces.cls_id] + title + [wordpieces.sep_id] + text +
+                     [wordpieces.sep_id])
+    segment_ids.append([0] * (len(title) + 2) + [1] * (len(text) + 1))
+  return retrievers.pad_features(sequences, segment_ids)
 
 
-def _features(encodings):
-  """int32 input_ids / input_mask / segment_ids, zero-padded to the longest."""
-  length = max(len(e.ids) for e in encodings)
-  features = {name: np.zeros([len(encodings), length], np.int32)
-              for name in ("input_ids", "input_mask", "segment_ids")}
-  for row, encoding in enumerate(encodings):
-    features["input_ids"][row, :len(encoding.ids)] = encoding.ids
-    features["input_mask"][row, :len(encoding.ids)] = 1
-    features["segment_ids"][row, :len(encoding.ids)] = encoding.type_ids
-  return features
+def _projected(input_ids, input_mask, token_weights, projection):
+  """The toy embedder: a weighted bag of wordpieces, projected, at norm 4."""
+  weights = (tf.gather(token_weights, input_ids) *
+             tf.cast(input_mask, tf.float32))
+  vectors = tf.gather(projection, input_ids)
+  summed = tf.reduce_sum(weights[:, :, tf.newaxis] * vectors, axis=1)
+  return EMBEDDING_NORM * tf.math.l2_normalize(summed, axis=-1)
 
 
-def query_features(tokenizer, questions, max_length=QUERY_MAX_LENGTH):
-  """REALM query inputs: `[CLS] q [SEP]`, mask of ones, segment ids of zeros."""
-  tokenizer.enable_truncation(max_length)
-  return _features(tokenizer.encode_batch(list(questions)))
+def _clear_asset_paths(saved_model_path):
+  """Replaces the asset paths in a saved_model.pb by the Hub placeholder.
+
+  As tensorflow_hub's export does (saved_model_lib): the constant holds the
+  file's path at export time, which is neither portable nor deterministic;
+  the AssetFileDefs keep the file's name in assets/.
+  """
+  saved_model = saved_model_pb2.SavedModel()
+  with open(saved_model_path, "rb") as f:
+    saved_model.ParseFromString(f.read())
+  for meta_graph in saved_model.meta_graphs:
+    asset_nodes = {
+        name.split(":")[0] for name in meta_graph.collection_def[
+            tf.compat.v1.GraphKeys.ASSET_FILEPATHS].node_list.value}
+    for node in meta_graph.graph_def.node:
+      if node.name in asset_nodes:
+        node.attr["value"].tensor.string_val[0] = (
+            retrievers.HUB_ASSET_PLACEHOLDER.encode("utf-8"))
+  with open(saved_model_path, "wb") as f:
+    f.write(saved_model.SerializeToString(deterministic=True))
 
 
-def block_features(tokenizer, blocks, max_length=BLOCK_MAX_LENGTH):
-  """REALM candidate inputs: `[CLS] title [SEP] text [SEP]` per (title, text)."""
-  tokenizer.enable_truncation(max_length)
-  return _features(tokenizer.encode_batch([tuple(b) for b in blocks]))
+def export_embedder(embedder_dir, vocab_file, token_weights, projection,
+                    blocks_in):
+  """Writes the toy embedder as a TF1 Hub module; returns the blocks' embeddings.
 
-
-class ToyRealmEmbedder(tf.Module):
-  """The REALM embedder's interface over an IDF-weighted bag of wordpieces.
-
-  Signatures, as in REALM's TF-Hub embedder:
+  REALM's layout (`hub.Module.export`): `tfhub_module.pb`, `saved_model.pb`
+  with tag sets {"train"} and {}, `variables/`, `assets/vocab.txt`, and
+  signatures, as in REALM's embedder:
     projected(input_ids, input_mask, segment_ids) -> {"default": [B, 128]}
     tokenization_info() -> {"vocab_file", "do_lower_case"}
+  The block embeddings are the module's graph run over `blocks_in`
+  (`block_features`), as ORQA's encode_blocks.py runs its embedder.
   """
+  with tf.Graph().as_default() as graph, tf.compat.v1.Session(
+      graph=graph) as session:
+    inputs = {name: tf.compat.v1.placeholder(tf.int32, [None, None], name=name)
+              for name in ("input_ids", "input_mask", "segment_ids")}
+    with tf.compat.v1.variable_scope("module"):
+      variables = [
+          tf.compat.v1.get_variable(name, value.shape, tf.float32,
+                                    tf.compat.v1.zeros_initializer(),
+                                    use_resource=True)
+          for name, value in (("token_weights", token_weights),
+                              ("projection", projection))]
+    # A bag of wordpieces has no segments.
+    default = _projected(inputs["input_ids"], inputs["input_mask"], *variables)
+    vocab_path = tf.constant(vocab_file, name="vocab_file")
+    tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.ASSET_FILEPATHS,
+                                   vocab_path)
+    build_info = tf.compat.v1.saved_model.utils.build_tensor_info
+    signatures = {
+        "projected": tf.compat.v1.saved_model.build_signature_def(
+            inputs={name: build_info(tensor)
+                    for name, tensor in inputs.items()},
+            outputs={"default": build_info(default)}),
+        "tokenization_info": tf.compat.v1.saved_model.build_signature_def(
+            outputs={"vocab_file": build_info(vocab_path),
+                     "do_lower_case": build_info(tf.constant(DO_LOWER_CASE))}),
+    }
+    # Initialised by feeding their values, so the graph holds no copy of them.
+    session.run([variable.initializer for variable in variables], {
+        variable.initial_value: value for variable, value in zip(
+            variables, (token_weights, projection))})
+    block_embeddings = embed(
+        lambda batch: session.run(default, {inputs[name]: value
+                                            for name, value in batch.items()}),
+        blocks_in, desc="blocks")
 
-  def __init__(self, vocab_file, token_weights, projection):
-    super().__init__()
-    self._vocab_file = tf.saved_model.Asset(vocab_file)
-    self._token_weights = tf.Variable(token_weights, trainable=False,
-                                      name="token_weights")
-    self._projection = tf.Variable(projection, trainable=False,
-                                   name="projection")
-
-  @tf.function(input_signature=[
-      tf.TensorSpec([None, None], tf.int32, name="input_ids"),
-      tf.TensorSpec([None, None], tf.int32, name="input_mask"),
-      tf.TensorSpec([None, None], tf.int32, name="segment_ids")])
-  def projected(self, input_ids, input_mask, segment_ids):
-    del segment_ids  # A bag of wordpieces has no segments.
-    weights = (tf.gather(self._token_weights, input_ids) *
-               tf.cast(input_mask, tf.float32))
-    vectors = tf.gather(self._projection, input_ids)
-    summed = tf.reduce_sum(weights[:, :, tf.newaxis] * vectors, axis=1)
-    return {"default": EMBEDDING_NORM * tf.math.l2_normalize(summed, axis=-1)}
-
-  @tf.function(input_signature=[])
-  def tokenization_info(self):
-    return {"vocab_file": self._vocab_file.asset_path,
-            "do_lower_case": tf.constant(DO_LOWER_CASE)}
-
-  def signatures(self):
-    return {"projected": self.projected.get_concrete_function(),
-            "tokenization_info": self.tokenization_info.get_concrete_function()}
+    builder = tf.compat.v1.saved_model.Builder(embedder_dir)
+    # One saver for both tag sets: the builder would add one per meta graph.
+    saver = tf.compat.v1.train.Saver(sharded=True, allow_empty=True)
+    first_tags, *other_tags = HUB_TAG_SETS
+    builder.add_meta_graph_and_variables(
+        session, first_tags, signature_def_map=signatures,
+        assets_collection=tf.compat.v1.get_collection(
+            tf.compat.v1.GraphKeys.ASSET_FILEPATHS),
+        strip_default_attrs=True, saver=saver)
+    # The graph's assets collection already holds the vocabulary's entry.
+    for tags in other_tags:
+      builder.add_meta_graph(tags, signature_def_map=signatures,
+                             strip_default_attrs=True, saver=saver)
+    builder.save()
+  _clear_asset_paths(os.path.join(embedder_dir, "saved_model.pb"))
+  with open(os.path.join(embedder_dir, "tfhub_module.pb"), "wb") as f:
+    f.write(HUB_MODULE_DEF)
+  return block_embeddings
 
 
 def inverse_document_frequencies(block_input_ids, block_mask, vocab_size):
@@ -371,14 +437,19 @@ def token_weights(idf):
 
 
 def embed(projected, features, batch_size=_EMBED_BATCH_SIZE, desc=None):
-  """Runs a `projected` signature over features in batches: float32 [N, 128]."""
+  """Embeds features in batches: float32 [N, 128].
+
+  Args:
+    projected: fn({input_ids, input_mask, segment_ids: int32 arrays}) ->
+      float32 [B, 128] array.
+    features: the whole inputs (`block_features`).
+  """
   num_rows = features["input_ids"].shape[0]
   outputs = []
   for start in tqdm.trange(0, num_rows, batch_size, desc=desc, disable=None,
                            leave=False):
-    batch = {name: tf.constant(value[start:start + batch_size])
-             for name, value in features.items()}
-    outputs.append(projected(**batch)["default"].numpy())
+    outputs.append(projected({name: value[start:start + batch_size]
+                              for name, value in features.items()}))
   return np.concatenate(outputs, axis=0)
 
 
@@ -468,7 +539,10 @@ def build_world(output_dir, *, seed=0, num_train=30000, num_validation=400,
   output_dir = os.path.abspath(output_dir)
   paths = {
       "kilt_dir": os.path.join(output_dir, "kilt"),
+      "knowledge_source": os.path.join(output_dir, "kilt",
+                                       KNOWLEDGE_SOURCE_FILE),
       "blocks": os.path.join(output_dir, "realm", "blocks.tfr"),
+      "titles": os.path.join(output_dir, "realm", "titles.tfr"),
       "embedder": os.path.join(output_dir, "realm", "embedder"),
       "retriever_config": os.path.join(output_dir, "retriever_config.json"),
       "tokenizer": os.path.join(output_dir, "tokenizer"),
@@ -482,8 +556,14 @@ def build_world(output_dir, *, seed=0, num_train=30000, num_validation=400,
     utils.atomic_write_text(
         os.path.join(paths["kilt_dir"], file_name),
         kilt_lines(questions[split], blocks, with_answers=split != "test"))
-  tf_utils.write_tfrecords(paths["blocks"],
-                           (block_record(*block) for block in blocks))
+  utils.atomic_write_text(paths["knowledge_source"],
+                          knowledge_source_lines(blocks))
+  # As ORQA's preprocess_wiki_extractor.py: text and title of block i as
+  # record i of two files.
+  tf_utils.write_tfrecords(paths["blocks"], (
+      text.encode("utf-8") for _, text in blocks))
+  tf_utils.write_tfrecords(paths["titles"], (
+      title.encode("utf-8") for title, _ in blocks))
 
   with tempfile.TemporaryDirectory(dir=output_dir,
                                    prefix=".staging-") as staging:
@@ -491,32 +571,30 @@ def build_world(output_dir, *, seed=0, num_train=30000, num_validation=400,
     vocabulary = wordpiece_vocabulary()
     with open(vocab_file, "w", encoding="utf-8") as f:
       f.write("".join(piece + "\n" for piece in vocabulary))
-    wordpieces = load_wordpiece_tokenizer(vocab_file)
-    blocks_in = block_features(wordpieces, blocks)
+    blocks_in = block_features(retrievers.Wordpieces(vocab_file, DO_LOWER_CASE),
+                               blocks)
     idf = inverse_document_frequencies(blocks_in["input_ids"],
                                        blocks_in["input_mask"], len(vocabulary))
     projection = np.random.default_rng(seed).standard_normal(
         [len(vocabulary), EMBEDDING_SIZE]).astype(np.float32)
-    embedder = ToyRealmEmbedder(vocab_file, token_weights(idf), projection)
-    block_embeddings = embed(embedder.projected, blocks_in, desc="blocks")
-
     embedder_dir = os.path.join(staging, "embedder")
-    tf.saved_model.save(embedder, embedder_dir,
-                        signatures=embedder.signatures())
+    block_embeddings = export_embedder(embedder_dir, vocab_file,
+                                       token_weights(idf), projection,
+                                       blocks_in)
     retrievers.write_block_embeddings(embedder_dir, block_embeddings)
     _replace_directory(embedder_dir, paths["embedder"])
 
+    # The questions as the cacher embeds them: through the exported module.
     all_questions = [q for split in SPLIT_FILES for q in questions[split]]
-    question_embeddings = embed(
-        embedder.projected,
-        query_features(wordpieces, [q["input"] for q in all_questions]),
-        desc="questions")
+    question_embeddings = retrievers.QueryEmbedder(paths["embedder"]).embed(
+        [q["input"] for q in all_questions], batch_size=_EMBED_BATCH_SIZE)
     recall = recall_at_k(question_embeddings, block_embeddings,
                          [q["block_id"] for q in all_questions], k=5)
 
-    # Question and answer as the model's input lays them out (DESIGN.md).
+    # What GPT-2 reads: block text; question and answer as the model's input
+    # lays them out (DESIGN.md).
     sample = _GPT2_TOKENIZER_SAMPLE
-    gpt2_texts = ([block_record(*block).decode() for block in blocks[:sample]] +
+    gpt2_texts = ([text for _, text in blocks[:sample]] +
                   [f"Question: {q['input']} Answer: {q['answer']}"
                    for q in questions["train"][:sample]])
     gpt2_tokenizer = train_gpt2_tokenizer(gpt2_texts, gpt2_vocab_size)
@@ -530,6 +608,7 @@ def build_world(output_dir, *, seed=0, num_train=30000, num_validation=400,
   utils.atomic_write_json(paths["retriever_config"], {
       "query_embedder_path": paths["embedder"],
       "text_records": paths["blocks"],
+      "title_records": paths["titles"],
       "num_block_records": len(blocks),
   })
   world = dict(sizes, seed=seed, num_blocks=len(blocks),
