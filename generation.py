@@ -329,48 +329,52 @@ def main(argv):
       "titles_path": titles_path,
       "kilt_title_map": _FLAG_KILT_TITLE_MAP.value,
   }
-  if generation_lib.prepare_output(output_path, config):
-    print(f"{output_path}: already complete", flush=True)
-  else:
-    generate_batch = generation_lib.make_batch_generator(
-        strategy, model, decoding, tokenizer.eos_token_id)
+  # One job at a time writes an output: a second one fails at once.
+  with utils.locked_directory(os.path.dirname(output_path) or ".",
+                              f"{os.path.basename(output_path)}.lock",
+                              f"generation output {output_path}"):
+    if generation_lib.prepare_output(output_path, config):
+      print(f"{output_path}: already complete", flush=True)
+    else:
+      generate_batch = generation_lib.make_batch_generator(
+          strategy, model, decoding, tokenizer.eos_token_id)
 
-    def format_batch(rows, tokens):
-      lines = []
-      for example_index, example_tokens in zip(range(rows.start, rows.stop),
-                                               tokens):
-        record = generation_lib.kilt_record(
-            prompts["id"][example_index], prompts["question"][example_index],
-            generation_lib.answer_text(tokenizer, example_tokens,
-                                       tokenizer.eos_token_id),
-            generation_lib.prompt_provenance(prompts, example_index, titles,
-                                             title_map))
-        lines.append(json.dumps(record) + "\n")
-      return "".join(lines)
+      def format_batch(rows, tokens):
+        lines = []
+        for example_index, example_tokens in zip(range(rows.start, rows.stop),
+                                                 tokens):
+          record = generation_lib.kilt_record(
+              prompts["id"][example_index], prompts["question"][example_index],
+              generation_lib.answer_text(tokenizer, example_tokens,
+                                         tokenizer.eos_token_id),
+              generation_lib.prompt_provenance(prompts, example_index, titles,
+                                               title_map))
+          lines.append(json.dumps(record) + "\n")
+        return "".join(lines)
 
-    num_batches = -(-len(prompts["id"]) // batch_size)
-    with tqdm.tqdm(total=num_batches, desc="generate", unit="batch") as bar:
-      generation_lib.write_generations(output_path, prompts, batch_size,
-                                       generate_batch, format_batch, bar)
-    print(f"wrote {len(prompts['id'])} generations to {output_path}; "
-          f"{truncation}", flush=True)
-  if title_map is not None:
-    # Counted over the whole file, batches of an earlier, resumed run too.
-    warning = kilt_metrics.unmapped_title_warning(
-        [output.get("provenance", []) for output in
-         kilt_metrics.read_guess_outputs(output_path).values()],
-        _FLAG_KILT_TITLE_MAP.value)
-    if warning:
-      print(warning, file=sys.stderr, flush=True)
+      num_batches = -(-len(prompts["id"]) // batch_size)
+      with tqdm.tqdm(total=num_batches, desc="generate", unit="batch") as bar:
+        generation_lib.write_generations(output_path, prompts, batch_size,
+                                         generate_batch, format_batch, bar)
+      print(f"wrote {len(prompts['id'])} generations to {output_path}; "
+            f"{truncation}", flush=True)
+    if title_map is not None:
+      # Counted over the whole file, batches of an earlier, resumed run too.
+      warning = kilt_metrics.unmapped_title_warning(
+          [output.get("provenance", []) for output in
+           kilt_metrics.read_guess_outputs(output_path).values()],
+          _FLAG_KILT_TITLE_MAP.value)
+      if warning:
+        print(warning, file=sys.stderr, flush=True)
 
-  if gold_records is not None:
-    metrics = generation_lib.evaluate_output(
-        gold_records, _FLAG_GOLD_PATH.value, output_path)
-    utils.atomic_write_json(
-        os.path.join(os.path.dirname(output_path) or ".",
-                     generation_lib.METRICS_NAME), metrics)
-    sys.stdout.write(kilt_metrics.markdown_table(
-        {os.path.basename(output_path): metrics}))
+    if gold_records is not None:
+      metrics = generation_lib.evaluate_output(
+          gold_records, _FLAG_GOLD_PATH.value, output_path)
+      utils.atomic_write_json(
+          os.path.join(os.path.dirname(output_path) or ".",
+                       generation_lib.METRICS_NAME), metrics)
+      sys.stdout.write(kilt_metrics.markdown_table(
+          {os.path.basename(output_path): metrics}))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ KILT_FILES = {
     "test": "eli5-test_without_answers-kilt.jsonl",
 }
 PENDING_MANIFEST_NAME = "manifest.pending.json"
+LOCK_NAME = "lock"
 
 _FLAG_RETRIEVER_CONFIG_PATH = flags.DEFINE_string(
     "retriever_config_path", None,
@@ -122,9 +123,15 @@ def _kilt_question(line, path, line_number):
   outputs = record.get("output", [])
   if not isinstance(outputs, list):
     raise utils.UserError(f"{where}: 'output' is not a list")
-  answers = [output["answer"] for output in outputs
-             if isinstance(output, dict) and isinstance(output.get("answer"),
-                                                        str)]
+  answers = []
+  for output in outputs:
+    # An output may hold only provenance; an answer that is there is text.
+    if isinstance(output, dict) and "answer" in output:
+      if not isinstance(output["answer"], str):
+        raise utils.UserError(
+            f"{where}: an 'answer' is {type(output['answer']).__name__}, "
+            "expected a string")
+      answers.append(output["answer"])
   return record["id"], record["input"], answers
 
 
@@ -136,10 +143,18 @@ def kilt_questions(path):
   """
   if not tf.io.gfile.exists(path):
     raise utils.UserError(f"{path}: KILT file does not exist")
-  with tf.io.gfile.GFile(path, "r") as f:
+  if tf.io.gfile.isdir(path):
+    raise utils.UserError(f"{path}: is a directory, expected a KILT jsonl file")
+  with tf.io.gfile.GFile(path, "rb") as f:
     for line_number, line in enumerate(f, start=1):
-      if line.strip():
-        yield _kilt_question(line, path, line_number)
+      try:
+        text = line.decode("utf-8")
+      except UnicodeDecodeError as error:
+        raise utils.UserError(
+            f"{path}:{line_number}: not UTF-8 ({error.reason} at byte "
+            f"{error.start}), expected KILT's UTF-8 jsonl") from None
+      if text.strip():
+        yield _kilt_question(text, path, line_number)
 
 
 def count_kilt_questions(path):
@@ -149,6 +164,10 @@ def count_kilt_questions(path):
     if question_id in seen:
       raise utils.UserError(f"{path}: id {question_id!r} appears more than once")
     seen.add(question_id)
+  if not seen:
+    raise utils.UserError(
+        f"{path}: no questions (an empty file), expected one KILT JSON object "
+        "per line")
   return len(seen)
 
 
@@ -420,30 +439,33 @@ def main(argv):
     _remove_if_exists(os.path.join(output_dir, PENDING_MANIFEST_NAME))
     print(f"{output_dir}: the cache is already complete")
     return
-  strategy = tf_utils.strategy_from_flags()
-  retriever = retrievers.LiveRetriever(
-      retriever_config, _FLAG_SEARCH.value, scann_config=scann_config,
-      scann_index_dir=_FLAG_SCANN_INDEX_DIR.value,
-      devices=strategy.extended.worker_devices,
-      max_query_length=max_query_length)
-  # Written once the inputs have loaded: from here on, shards are kept.
-  utils.makedirs(output_dir)
-  utils.atomic_write_json(os.path.join(output_dir, PENDING_MANIFEST_NAME),
-                          manifest)
-  block_tokens = BlockTokenCache(
-      tokenizer, retriever.blocks, _FLAG_MAX_BLOCK_TOKENS.value,
-      _FLAG_BLOCK_TOKEN_CACHE_SIZE.value, with_title=context_with_title)
-  write_missing_shards(output_dir, manifest, kilt_paths, shard_records_fn=(
-      lambda questions, progress: shard_records(
-          questions, retriever, tokenizer, block_tokens,
-          num_neighbours=num_neighbours, batch_size=_FLAG_BATCH_SIZE.value,
-          progress=progress)))
-  utils.atomic_write_json(
-      os.path.join(output_dir, neighbour_cache.MANIFEST_NAME), manifest)
-  _remove_if_exists(os.path.join(output_dir, PENDING_MANIFEST_NAME))
-  print(f"{output_dir}: cached {num_neighbours} neighbours for "
-        + ", ".join(f"{split_sizes[split]} {split}" for split in splits)
-        + " questions")
+  # One cacher at a time writes an output directory: a second one fails at
+  # once, before loading the retriever.
+  with utils.locked_directory(output_dir, LOCK_NAME,
+                              f"neighbour cache {output_dir}"):
+    strategy = tf_utils.strategy_from_flags()
+    retriever = retrievers.LiveRetriever(
+        retriever_config, _FLAG_SEARCH.value, scann_config=scann_config,
+        scann_index_dir=_FLAG_SCANN_INDEX_DIR.value,
+        devices=strategy.extended.worker_devices,
+        max_query_length=max_query_length)
+    # Written once the inputs have loaded: from here on, shards are kept.
+    utils.atomic_write_json(os.path.join(output_dir, PENDING_MANIFEST_NAME),
+                            manifest)
+    block_tokens = BlockTokenCache(
+        tokenizer, retriever.blocks, _FLAG_MAX_BLOCK_TOKENS.value,
+        _FLAG_BLOCK_TOKEN_CACHE_SIZE.value, with_title=context_with_title)
+    write_missing_shards(output_dir, manifest, kilt_paths, shard_records_fn=(
+        lambda questions, progress: shard_records(
+            questions, retriever, tokenizer, block_tokens,
+            num_neighbours=num_neighbours, batch_size=_FLAG_BATCH_SIZE.value,
+            progress=progress)))
+    utils.atomic_write_json(
+        os.path.join(output_dir, neighbour_cache.MANIFEST_NAME), manifest)
+    _remove_if_exists(os.path.join(output_dir, PENDING_MANIFEST_NAME))
+    print(f"{output_dir}: cached {num_neighbours} neighbours for "
+          + ", ".join(f"{split_sizes[split]} {split}" for split in splits)
+          + " questions")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,19 @@
 
 Knows about tf.distribute and Keras optimizers; knows nothing about ELI5.
 Every entry script builds its strategy the same way: `strategy_from_flags()`
-reads the shared flags `--distribute_mode`, `--devices`, `--tpu` and
-`--num_cpu_devices` defined here.
+reads the shared flags `--distribute_mode`, `--devices`, `--tpu`,
+`--num_cpu_devices` and `--cluster_timeout_seconds` defined here.
 """
 
+import contextlib
 import math
+import os
+import re
+import subprocess
+import sys
 
 from absl import flags
+from absl import logging
 import tensorflow as tf
 import tf_keras
 
@@ -31,6 +37,11 @@ _FLAG_NUM_CPU_DEVICES = flags.DEFINE_integer(
     "num_cpu_devices", 1,
     "Split the host CPU into this many logical devices (several replicas, or "
     "a model split over devices, on a machine without accelerators).")
+_FLAG_CLUSTER_TIMEOUT_SECONDS = flags.DEFINE_float(
+    "cluster_timeout_seconds", 300.0,
+    "MultiWorkerMirroredStrategy: stop, with a one-line error naming the "
+    "workers that do not answer, when the workers of TF_CONFIG have not all "
+    "joined within this many seconds.")
 
 
 # ---------------------------------------------------------------------------
@@ -93,7 +104,84 @@ def _tpu_strategy(tpu):
   return tf.distribute.TPUStrategy(resolver)
 
 
-def make_strategy(distribute_mode, *, devices=None, tpu=None):
+def _tf_config_cluster():
+  """TF_CONFIG's resolver; a UserError when TF_CONFIG is not valid JSON."""
+  try:
+    return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+  except ValueError as error:
+    raise utils.UserError(
+        f"TF_CONFIG: {' '.join(str(error).split())[:200]}, expected JSON "
+        '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": '
+        '"worker", "index": i}}') from None
+
+
+def task_name(distribute_mode):
+  """This process's task in TF_CONFIG ('worker-1', 'chief-0'), or None when it
+  is the only process of its job (any strategy but a multi-worker one)."""
+  if distribute_mode != "MultiWorkerMirroredStrategy":
+    return None
+  resolver = _tf_config_cluster()
+  if not resolver.cluster_spec().as_dict() or resolver.task_type is None:
+    return None
+  return f"{resolver.task_type}-{resolver.task_id}"
+
+
+# Run by `_cluster_watchdog` as `python -c`: a separate process, because the
+# strategy's constructor waits for the cluster in C++ holding the GIL, so no
+# Python thread of the waiting process runs (and it ignores SIGTERM).
+_WATCHDOG_SOURCE = """
+import os, select, signal, socket, sys
+timeout, parent, tasks = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+if select.select([sys.stdin], [], [], timeout)[0]:
+  sys.exit(0)
+silent = []
+for task in tasks:
+  name, address = task.split("=", 1)
+  host, port = address.rsplit(":", 1)
+  try:
+    socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+  except OSError:
+    silent.append(f"{name} ({address})")
+print("error: --distribute_mode=MultiWorkerMirroredStrategy: the cluster of "
+      f"TF_CONFIG did not form within --cluster_timeout_seconds={timeout:g}; "
+      + ("not answering: " + ", ".join(silent) if silent else
+         "every worker answers, but not all of them joined") +
+      ", expected every worker of TF_CONFIG started and reachable",
+      file=sys.stderr, flush=True)
+os.kill(parent, signal.SIGKILL)
+"""
+
+
+@contextlib.contextmanager
+def _cluster_watchdog(resolver, timeout_seconds):
+  """Kills this process with a one-line error if the block outlasts the timeout."""
+  me = (resolver.task_type, resolver.task_id)
+  tasks = [f"{job} {index}={address}"
+           for job, addresses in resolver.cluster_spec().as_dict().items()
+           for index, address in enumerate(addresses) if (job, index) != me]
+  watchdog = subprocess.Popen(
+      [sys.executable, "-c", _WATCHDOG_SOURCE, str(timeout_seconds),
+       str(os.getpid()), *tasks], stdin=subprocess.PIPE)
+  try:
+    yield
+  finally:
+    watchdog.stdin.close()
+    watchdog.wait()
+
+
+def _multi_worker_strategy(cluster_timeout_seconds):
+  if not cluster_timeout_seconds > 0:
+    raise utils.UserError(
+        f"--cluster_timeout_seconds={cluster_timeout_seconds}: expected > 0")
+  resolver = _tf_config_cluster()
+  if not resolver.cluster_spec().as_dict():
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  with _cluster_watchdog(resolver, cluster_timeout_seconds):
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+
+
+def make_strategy(distribute_mode, *, devices=None, tpu=None,
+                  cluster_timeout_seconds=300.0):
   """The tf.distribute strategy named by `distribute_mode`.
 
   Args:
@@ -102,6 +190,9 @@ def make_strategy(distribute_mode, *, devices=None, tpu=None):
       (default: the first GPU, else the CPU); MirroredStrategy all of them
       (default: all GPUs, else all logical CPUs).
     tpu: TPUStrategy's TPU name, grpc address, or 'local'.
+    cluster_timeout_seconds: MultiWorkerMirroredStrategy: the process ends
+      with a one-line error (exit -9) when the workers of TF_CONFIG have not
+      all joined within this time.
   """
   if distribute_mode not in DISTRIBUTE_MODES:
     raise utils.UserError(
@@ -110,7 +201,7 @@ def make_strategy(distribute_mode, *, devices=None, tpu=None):
   if distribute_mode == "TPUStrategy":
     return _tpu_strategy(tpu)
   if distribute_mode == "MultiWorkerMirroredStrategy":
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return _multi_worker_strategy(cluster_timeout_seconds)
   devices = check_devices(devices) if devices else _default_devices()
   if distribute_mode == "OneDeviceStrategy":
     return tf.distribute.OneDeviceStrategy(devices[0])
@@ -129,8 +220,15 @@ def strategy_from_flags():
         f"--num_cpu_devices={_FLAG_NUM_CPU_DEVICES.value}: must be >= 1")
   if _FLAG_NUM_CPU_DEVICES.value > 1:
     split_host_cpu(_FLAG_NUM_CPU_DEVICES.value)
-  return make_strategy(_FLAG_DISTRIBUTE_MODE.value, devices=_FLAG_DEVICES.value,
-                       tpu=_FLAG_TPU.value)
+  return make_strategy(
+      _FLAG_DISTRIBUTE_MODE.value, devices=_FLAG_DEVICES.value,
+      tpu=_FLAG_TPU.value,
+      cluster_timeout_seconds=_FLAG_CLUSTER_TIMEOUT_SECONDS.value)
+
+
+def task_name_from_flags():
+  """`task_name` of the strategy the shared flags ask for."""
+  return task_name(_FLAG_DISTRIBUTE_MODE.value)
 
 
 # ---------------------------------------------------------------------------
@@ -143,6 +241,9 @@ OPTIMIZERS = ("adam", "adamw", "adafactor")
 
 class WarmupDecaySchedule(tf_keras.optimizers.schedules.LearningRateSchedule):
   """Linear warmup from 0 to `peak` over `warmup_steps`, then `decay` to 0.
+
+  Called with the number of updates done so far: without warmup the first
+  update is at `peak`.
 
   decay: "constant" keeps `peak`; "linear" and "cosine" reach 0 at
   `total_steps`.
@@ -158,7 +259,8 @@ class WarmupDecaySchedule(tf_keras.optimizers.schedules.LearningRateSchedule):
   def __call__(self, step):
     step = tf.cast(step, tf.float32)
     warmup = tf.cast(self.warmup_steps, tf.float32)
-    warmup_factor = tf.minimum(1.0, step / tf.maximum(warmup, 1.0))
+    warmup_factor = 1.0 if self.warmup_steps == 0 else tf.minimum(
+        1.0, step / warmup)
     if self.decay == "constant":
       return self.peak * warmup_factor
     decay_steps = tf.maximum(float(self.total_steps - self.warmup_steps), 1.0)
@@ -305,27 +407,148 @@ def make_train_step(strategy, loss_fn, variables, optimizer, *, clip_norm=None,
 # ---------------------------------------------------------------------------
 
 
+_CHECKPOINT_INDEX = re.compile(r"ckpt-(\d+)\.index$")
+_DATA_SHARD = re.compile(r"\.data-(\d+)-of-(\d+)$")
+
+
+def _complete_checkpoints(directory):
+  """Prefixes of the `ckpt-N` checkpoints in `directory` whose index reads
+  and whose data shards are all present, by step."""
+  found = []
+  for index_path in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index")):
+    match = _CHECKPOINT_INDEX.search(index_path)
+    if not match:
+      continue
+    prefix = index_path[:-len(".index")]
+    shards = [_DATA_SHARD.search(path)
+              for path in tf.io.gfile.glob(prefix + ".data-*")]
+    counts = {int(shard.group(2)) for shard in shards if shard}
+    if len(counts) != 1 or len(shards) != counts.pop():
+      continue
+    try:
+      tf.train.load_checkpoint(prefix)
+    except (tf.errors.OpError, ValueError):
+      continue
+    found.append((int(match.group(1)), prefix))
+  return [prefix for _, prefix in sorted(found)]
+
+
+def _pointed_checkpoint(directory):
+  """The checkpoint the `checkpoint` file names, if the file reads and the
+  checkpoint is there; None otherwise."""
+  state = tf.train.get_checkpoint_state(directory)
+  if state is None or not state.model_checkpoint_path:
+    return None
+  path = state.model_checkpoint_path
+  return path if tf.io.gfile.exists(path + ".index") else None
+
+
+def latest_checkpoint(directory):
+  """The latest checkpoint of `directory` (a CheckpointManager's), or None.
+
+  When the `checkpoint` pointer file is missing, unreadable or names a
+  checkpoint that is gone, the latest complete `ckpt-N` present is taken
+  (with a log line), so a damaged pointer never restarts a run from step 0.
+  A pointer with no checkpoint at all left is a UserError: the checkpoints
+  were deleted.
+  """
+  path = _pointed_checkpoint(directory)
+  if path is not None:
+    return path
+  pointer = os.path.join(directory, "checkpoint")
+  complete = _complete_checkpoints(directory)
+  if complete:
+    logging.warning(
+        "%s is %s; taking the latest complete checkpoint present, %s", pointer,
+        "damaged" if tf.io.gfile.exists(pointer) else "missing", complete[-1])
+    return complete[-1]
+  if tf.io.gfile.exists(pointer):
+    raise utils.UserError(
+        f"{pointer}: names no checkpoint that is present (and there is no "
+        f"complete ckpt-N in {directory}), expected the run's checkpoints: "
+        "restore them, or delete the run directory to start from step 0")
+  return None
+
+
 def make_checkpoint_manager(directory, checkpoint, *, max_to_keep=3):
+  """A CheckpointManager of `directory`, its pointer file repaired first.
+
+  A missing or damaged `checkpoint` file is rewritten from the complete
+  `ckpt-N` present (see `latest_checkpoint`), so the manager resumes from
+  the latest of them and rotates them as usual.
+  """
+  if max_to_keep < 1:
+    raise utils.UserError(
+        f"keep {max_to_keep} checkpoints: expected at least 1")
+  latest = latest_checkpoint(directory)
+  if latest is not None and _pointed_checkpoint(directory) is None:
+    present = _complete_checkpoints(directory)
+    times = [tf.io.gfile.stat(path + ".index").mtime_nsec / 1e9
+             for path in present]
+    # With their times, and none "preserved", the manager rotates them as
+    # the checkpoints it wrote itself.
+    tf.compat.v1.train.update_checkpoint_state(
+        directory, latest, all_model_checkpoint_paths=present,
+        all_model_checkpoint_timestamps=times,
+        last_preserved_timestamp=min(times) - 1)
   return tf.train.CheckpointManager(checkpoint, directory,
                                     max_to_keep=max_to_keep)
+
+
+def restore(checkpoint, path, what="model", *, partial=False):
+  """Restores `checkpoint` from `path`; a UserError when it does not fit.
+
+  A checkpoint that does not match (a missing or mis-shaped variable) or
+  whose files are truncated or damaged is a UserError naming it and the
+  first problem. `partial`: the checkpoint may hold more than `checkpoint`
+  (e.g. an optimizer, when only the model is restored).
+  """
+  try:
+    status = checkpoint.restore(path)
+    if partial:
+      status = status.expect_partial()
+    status.assert_existing_objects_matched()
+  except (AssertionError, ValueError, tf.errors.OpError) as error:
+    reason = " ".join(str(error).split())[:300]
+    raise utils.UserError(
+        f"{path}: does not match the {what}: {reason}") from None
+  except IndexError as error:
+    # What the checkpoint reader raises on a data file cut short.
+    raise utils.UserError(
+        f"{path}: unreadable ({error}), expected a complete checkpoint: its "
+        f"files are truncated or damaged; delete {path}.* to resume from the "
+        "checkpoint before it") from None
 
 
 def restore_latest(manager, what="model"):
   """Restores the latest checkpoint of `manager`; False when there is none.
 
-  A checkpoint that does not fit (a missing or mis-shaped variable) is a
-  UserError naming the checkpoint and the first mismatch.
+  A checkpoint that does not fit is a UserError (see `restore`).
   """
   path = manager.latest_checkpoint
   if path is None:
     return False
-  try:
-    manager.checkpoint.restore(path).assert_existing_objects_matched()
-  except (AssertionError, ValueError, tf.errors.OpError) as error:
-    reason = " ".join(str(error).split())[:300]
-    raise utils.UserError(
-        f"{path}: does not match the {what}: {reason}") from None
+  restore(manager.checkpoint, path, what)
   return True
+
+
+def make_finiteness_check(variables):
+  """() -> names of the floating-point `variables` holding a NaN or an inf.
+
+  One compiled reduction, one host sync: cheap enough to run before every
+  checkpoint, so that no checkpoint holds a ruined state.
+  """
+  floating = [v for v in variables if v.dtype.is_floating]
+
+  @tf.function
+  def finite_flags():
+    return tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in floating])
+
+  def non_finite():
+    return [v.name for v, finite in zip(floating, finite_flags().numpy())
+            if not finite]
+
+  return non_finite
 
 
 def write_tfrecords(path, serialized_records):

@@ -7,11 +7,17 @@ Library code raises `UserError(message)`; entry scripts start with
 Files are written to a temporary name and renamed when complete.
 """
 
+import contextlib
+import datetime
+import fcntl
 import json
+import os
+import socket
 import sys
 import uuid
 
 from absl import app
+from absl import logging
 import tensorflow as tf
 
 USER_ERROR_EXIT_CODE = 2
@@ -75,3 +81,142 @@ def makedirs(path):
   tf.io.gfile.makedirs(path)
   return path
 
+
+
+# ---------------------------------------------------------------------------
+# Exclusive locks on a job's output (a run directory, a cache, a generation)
+# ---------------------------------------------------------------------------
+
+
+def _holder_record():
+  return {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.datetime.now().astimezone().isoformat(
+              timespec="seconds"),
+          "command": " ".join(sys.argv)}
+
+
+def _describe_holder(text):
+  """'pid P on host H, started T' from a lock file's text."""
+  try:
+    holder = json.loads(text)
+    return (f"pid {holder['pid']} on host {holder['host']}, started "
+            f"{holder['started']}")
+  except (ValueError, TypeError, KeyError):
+    return "holder not recorded yet"
+
+
+def _process_is_gone(holder_text):
+  """Whether a lock file names a process of this host that no longer runs."""
+  try:
+    holder = json.loads(holder_text)
+    if holder["host"] != socket.gethostname():
+      return False
+    os.kill(int(holder["pid"]), 0)
+  except ProcessLookupError:
+    return True
+  except (ValueError, TypeError, KeyError, PermissionError):
+    return False
+  return False
+
+
+def _refusal(what, lock_path, holder_text):
+  return UserError(
+      f"{what}: in use by another job ({_describe_holder(holder_text)}; lock "
+      f"{lock_path}), expected no other job writing it: wait for that job to "
+      "end or stop it")
+
+
+def _lock_local(lock_path, what):
+  """flock on a local file: the kernel frees it when its holder dies."""
+  while True:
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      with os.fdopen(descriptor) as f:
+        raise _refusal(what, lock_path, f.read()) from None
+    try:
+      same_file = os.stat(lock_path).st_ino == os.fstat(descriptor).st_ino
+    except FileNotFoundError:
+      same_file = False
+    if same_file:
+      break
+    # The holder released (deleted) the file between our open and flock:
+    # the lock is now a new file.
+    os.close(descriptor)
+  previous = os.pread(descriptor, 1 << 16, 0).decode("utf-8", "replace")
+  if previous.strip():
+    logging.warning("%s: taking over the lock left by %s, which no longer "
+                    "holds it", what, _describe_holder(previous))
+  os.ftruncate(descriptor, 0)
+  os.pwrite(descriptor, json.dumps(_holder_record()).encode("utf-8"), 0)
+  return descriptor
+
+
+def _lock_remote(lock_path, what):
+  """A lock file on an object store (gs://): checked, then written.
+
+  Object stores offer no exclusive create through tf.io.gfile, so two jobs
+  starting within the same moment can both pass; a lock left by a dead job of
+  another host must be deleted by hand.
+  """
+  if tf.io.gfile.exists(lock_path):
+    with tf.io.gfile.GFile(lock_path) as f:
+      previous = f.read()
+    if not _process_is_gone(previous):
+      raise _refusal(what, lock_path, previous)
+    logging.warning("%s: taking over the lock left by %s, which is gone",
+                    what, _describe_holder(previous))
+  atomic_write_json(lock_path, _holder_record())
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path, what):
+  """Holds `lock_path` while the block runs: one job at a time writes `what`.
+
+  A second job fails at once with a UserError naming the holder (pid, host,
+  start time). A lock whose holder died is taken over with a log line: on a
+  local file system the lock is an flock, which the kernel releases when its
+  process ends however it ends; on gs:// it is a file naming its holder,
+  taken over when that holder is a process of this host that no longer runs.
+  The lock file is deleted when the block ends.
+
+  Args:
+    lock_path: the lock file, in the directory it protects (which must exist).
+    what: what is locked, for messages (e.g. "run directory runs/x").
+  """
+  if "://" in lock_path:
+    _lock_remote(lock_path, what)
+    try:
+      yield
+    finally:
+      tf.io.gfile.remove(lock_path)
+    return
+  descriptor = _lock_local(lock_path, what)
+  try:
+    yield
+  finally:
+    # Deleted while still held: a job that opened the old file sees, once it
+    # holds that, that the path is no longer its file, and starts again.
+    os.remove(lock_path)
+    os.close(descriptor)
+
+
+@contextlib.contextmanager
+def locked_directory(directory, lock_name, what):
+  """Holds `directory/lock_name` (see `exclusive_lock`), making `directory` if missing.
+
+  A job that fails before writing anything there leaves no empty directory
+  it made behind.
+  """
+  created = not tf.io.gfile.isdir(directory)
+  if created:
+    makedirs(directory)
+  try:
+    with exclusive_lock(os.path.join(directory, lock_name), what):
+      yield
+  finally:
+    # os.rmdir removes only an empty directory; on an object store (gs://) an
+    # empty "directory" does not exist anyway.
+    if created and "://" not in directory and not os.listdir(directory):
+      os.rmdir(directory)

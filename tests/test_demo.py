@@ -72,7 +72,7 @@ def test_every_stage_writes_its_outputs(demo):
     with open(os.path.join(output_dir, plot), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # Progress is visible, and the table is printed as well as written.
-  assert "[demo 10/10] generate naked: running generation.py" in stdout
+  assert "[demo 11/11] generate naked: running generation.py" in stdout
   with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
     assert _table_rows(f.read()) == _table_rows(stdout)
 
@@ -108,15 +108,19 @@ def test_report_table_has_the_numbers_of_the_json_files(demo):
     assert cells[1:4] == [f"{ablation[name]['answer_ppl']:.3f}"
                           for name in demo_layout.ABLATIONS]
     if run not in demo_layout.GENERATION_RUNS:
-      assert cells[4:7] == ["-"] * 3
+      assert cells[4:9] == ["-"] * 5
       continue
     output = demo_layout.generation_path(str(output_dir), run)
     metrics = utils.read_json(os.path.join(os.path.dirname(output),
                                            "kilt_metrics.json"))
     accuracy = demo_layout.fact_accuracy(gold,
                                          kilt_metrics.read_guesses(output))
-    assert cells[4:7] == [f"{metrics['rougeL']:.3f}", f"{metrics['f1']:.3f}",
-                          f"{accuracy:.3f}"]
+    assert cells[4:9] == [f"{metrics['rougeL']:.3f}", f"{metrics['f1']:.3f}",
+                          f"{accuracy:.3f}", f"{metrics['rprec']:.3f}",
+                          f"{metrics['kilt_rougeL']:.3f}"]
+    # The provenance names KILT pages, so the retrieval scores are real.
+    if run == "retrieval":
+      assert metrics["num_without_provenance"] == 0
 
 
 def test_answer_facts_strip_the_marker_words_and_the_period():
@@ -141,7 +145,7 @@ def test_rerun_reuses_every_stage(demo):
   with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
     report = f.read()
   stdout = _run(output_dir)
-  assert len(re.findall(r"^\[demo \d+/10\] .*: reused", stdout, re.M)) == 10
+  assert len(re.findall(r"^\[demo \d+/11\] .*: reused", stdout, re.M)) == 11
   assert "running" not in stdout
   with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
     assert f.read() == report

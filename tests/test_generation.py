@@ -413,6 +413,17 @@ def test_bad_inputs_are_one_line(world, tmp_path):
                  "title 'Sky' maps to 11, expected a wikipedia_id string")
 
 
+def test_a_second_generation_into_one_output_fails_naming_the_holder(
+    world, tmp_path):
+  output_path = tmp_path / "out" / "generations.jsonl"
+  with utils.locked_directory(str(output_path.parent),
+                              "generations.jsonl.lock", "a test's hold"):
+    one_line_error(run("generation.py", f"--run_dir={world['run']}",
+                       f"--output_path={output_path}", "--max_examples=2"),
+                   f"generation output {output_path}", f"pid {os.getpid()}")
+    assert os.listdir(output_path.parent) == ["generations.jsonl.lock"]
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("n_embd", 64, "has shape (300, 128) in the checkpoint, (300, 64)"),
     ("n_layer", 1, "holds 28 model weights, but the model of"),

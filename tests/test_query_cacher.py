@@ -230,6 +230,60 @@ def test_kilt_line_without_input_is_refused(world, tmp_path):
   assert not os.path.exists(output_dir)
 
 
+def _write_empty(path):
+  with open(path, "w", encoding="utf-8"):
+    pass
+
+
+def _make_directory(path):
+  os.remove(path)
+  os.mkdir(path)
+
+
+def _write_latin1(path):
+  with open(path, "ab") as f:
+    f.write('{"id": "x", "input": "caf\xe9"}\n'.encode("latin-1"))
+
+
+def _write_numeric_answer(path):
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(json.dumps({"id": "x", "input": "why?",
+                        "output": [{"answer": 42}]}) + "\n")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_write_empty, "no questions (an empty file)"),
+    (_make_directory, "is a directory, expected a KILT jsonl file"),
+    (_write_latin1, "not UTF-8"),
+    (_write_numeric_answer, "an 'answer' is int, expected a string"),
+])
+def test_bad_kilt_train_file_is_refused_before_anything_is_written(
+    world, tmp_path, damage, message):
+  dataset_root = str(tmp_path / "kilt")
+  shutil.copytree(world["paths"]["kilt_dir"], dataset_root)
+  train_path = os.path.join(dataset_root, make_demo_data.SPLIT_FILES["train"])
+  damage(train_path)
+  output_dir = str(tmp_path / "cache")
+  result = run_cacher(world, output_dir, dataset_root=dataset_root)
+  _assert_one_line_error(result, train_path, message)
+  assert not os.path.exists(output_dir)
+
+
+def test_a_second_cacher_on_one_output_fails_at_once_naming_the_holder(
+    world, tmp_path):
+  output_dir = str(tmp_path / "cache")
+  with utils.locked_directory(output_dir, "lock",
+                              "a test's hold"):
+    result = run_cacher(world, output_dir)
+    _assert_one_line_error(result, f"neighbour cache {output_dir}",
+                           f"pid {os.getpid()}")
+    assert os.listdir(output_dir) == ["lock"]
+  # Released: the cacher runs.
+  result = run_cacher(world, output_dir, "--splits=validation")
+  assert result.returncode == 0, result.stderr
+  assert "lock" not in os.listdir(output_dir)
+
+
 def test_more_neighbours_than_blocks_is_refused(world, tmp_path):
   output_dir = str(tmp_path / "cache")
   result = run_cacher(world, output_dir,

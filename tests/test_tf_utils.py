@@ -145,3 +145,113 @@ def test_write_tfrecords_leaves_only_the_finished_file(tmp_path):
   assert tf_utils.write_tfrecords(path, [b"a", b"bc"]) == 2
   assert os.listdir(tmp_path) == ["records.tfrecord"]
   assert [r.numpy() for r in tf.data.TFRecordDataset(path)] == [b"a", b"bc"]
+
+
+def test_constant_schedule_without_warmup_starts_at_peak():
+  """Issue 13: the learning rate was 0 at step 1 even with no warmup."""
+  schedule = tf_utils.make_learning_rate_schedule("constant", 3e-4)
+  assert float(schedule(0)) == pytest.approx(3e-4)
+  warming = tf_utils.make_learning_rate_schedule("constant", 1.0,
+                                                 warmup_steps=4)
+  assert [float(warming(step)) for step in range(5)] == pytest.approx(
+      [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+def _saved_checkpoints(directory, steps):
+  checkpoint = tf.train.Checkpoint(weight=tf.Variable(0.0))
+  manager = tf_utils.make_checkpoint_manager(str(directory), checkpoint,
+                                             max_to_keep=5)
+  for step in steps:
+    checkpoint.weight.assign(float(step))
+    manager.save(checkpoint_number=step)
+  return checkpoint
+
+
+def _restored_weight(directory):
+  checkpoint = tf.train.Checkpoint(weight=tf.Variable(-1.0))
+  manager = tf_utils.make_checkpoint_manager(str(directory), checkpoint)
+  assert tf_utils.restore_latest(manager)
+  return float(checkpoint.weight)
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage", "names_a_lost_one"])
+def test_a_damaged_pointer_resumes_from_the_latest_complete_checkpoint(
+    tmp_path, damage):
+  """Issue 13: a deleted or corrupt `checkpoint` file restarted from step 0."""
+  _saved_checkpoints(tmp_path, [2, 4, 6])
+  # ckpt-6 lost its data file: incomplete, so ckpt-4 is the latest complete.
+  os.remove(tmp_path / "ckpt-6.data-00000-of-00001")
+  pointer = tmp_path / "checkpoint"
+  if damage == "deleted":
+    os.remove(pointer)
+  elif damage == "garbage":
+    pointer.write_text("not { a checkpoint state")
+  else:
+    pointer.write_text('model_checkpoint_path: "ckpt-9"\n')
+  assert tf_utils.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-4")
+  assert _restored_weight(tmp_path) == 4.0
+  # The pointer is repaired, and the manager rotates the recovered ones.
+  assert tf.train.get_checkpoint_state(str(tmp_path)).model_checkpoint_path \
+      == str(tmp_path / "ckpt-4")
+  checkpoint = tf.train.Checkpoint(weight=tf.Variable(8.0))
+  manager = tf_utils.make_checkpoint_manager(str(tmp_path), checkpoint,
+                                             max_to_keep=2)
+  manager.save(checkpoint_number=8)
+  # ckpt-2 rotated away; the incomplete ckpt-6 is not the manager's.
+  assert sorted(p.name for p in tmp_path.glob("ckpt-*.index")) == [
+      "ckpt-4.index", "ckpt-6.index", "ckpt-8.index"]
+
+
+def test_a_pointer_whose_checkpoints_are_all_gone_is_refused(tmp_path):
+  _saved_checkpoints(tmp_path, [2])
+  for path in tmp_path.glob("ckpt-*"):
+    os.remove(path)
+  with pytest.raises(utils.UserError,
+                     match="names no checkpoint that is present"):
+    tf_utils.latest_checkpoint(str(tmp_path))
+  os.remove(tmp_path / "checkpoint")
+  assert tf_utils.latest_checkpoint(str(tmp_path)) is None
+
+
+def test_a_truncated_checkpoint_is_one_line(tmp_path):
+  """Issue 13: a truncated .data file gave an IndexError traceback."""
+  checkpoint = tf.train.Checkpoint(weight=tf.Variable(tf.ones([1000])))
+  tf_utils.make_checkpoint_manager(str(tmp_path), checkpoint).save(
+      checkpoint_number=1)
+  data = tmp_path / "ckpt-1.data-00000-of-00001"
+  data.write_bytes(data.read_bytes()[:100])
+  with pytest.raises(utils.UserError, match=r"ckpt-1: unreadable .*truncated"):
+    tf_utils.restore(checkpoint, str(tmp_path / "ckpt-1"))
+
+
+def test_finiteness_check_names_the_ruined_variables():
+  good = tf.Variable(tf.ones([3]), name="good")
+  ruined = tf.Variable([1.0, float("nan")], name="ruined")
+  steps = tf.Variable(3, dtype=tf.int64, name="steps")
+  check = tf_utils.make_finiteness_check([good, ruined, steps])
+  assert check() == ["ruined:0"]
+  ruined.assign([1.0, 2.0])
+  assert check() == []
+
+
+@pytest.mark.multiworker
+def test_a_missing_worker_is_one_line_within_the_timeout(tmp_path):
+  """Issue 13, acceptance 5: a worker whose peer never starts waited
+  silently for minutes; now it stops at --cluster_timeout_seconds with one
+  line naming the peer that does not answer."""
+  workers = [f"127.0.0.1:{port}"
+             for port in distributed_fixtures.free_ports(2)]
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
+             TF_CONFIG=json.dumps({"cluster": {"worker": workers},
+                                   "task": {"type": "worker", "index": 0}}))
+  script = ("import tf_utils; tf_utils.make_strategy("
+            "'MultiWorkerMirroredStrategy', cluster_timeout_seconds=3)")
+  result = subprocess.run([sys.executable, "-c", script], env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  errors = [line for line in result.stderr.splitlines()
+            if line.startswith("error:")]
+  assert len(errors) == 1, result.stderr[-2000:]
+  assert f"not answering: worker 1 ({workers[1]})" in errors[0]
+  assert "--cluster_timeout_seconds=3" in errors[0]
+  assert "Traceback" not in result.stderr

@@ -24,6 +24,7 @@ PLOTS = ("training_curves.png", "ablation.png", "lengths.png")
 def paths(out):
   return dict(world=os.path.join(out, "world"),
               cache=os.path.join(out, "cache"),
+              title_map=os.path.join(out, "title_map.json"),
               runs=os.path.join(out, "runs"),
               generations=os.path.join(out, "generations"))
 

@@ -93,6 +93,12 @@ def _stages(out):
         "--search=exact", f"--tokenizer={world}/tokenizer",
         *_optional("num_neighbours", _FLAG_NUM_NEIGHBOURS.value)],
        os.path.join(cache, "manifest.json")),
+      # KILT names provenance pages by wikipedia_id: map the corpus's titles
+      # to them from the world's knowledge source, as for the real data.
+      ("title map", "util_scripts/kilt_title_map.py",
+       [f"--knowledge_source={world}/kilt/kilt_knowledgesource.json",
+        f"--output_path={paths['title_map']}"],
+       paths["title_map"]),
   ]
   run_flags = {
       run: ["--config", f"configs/train_configs/demo_{run}.json",
@@ -119,6 +125,7 @@ def _stages(out):
         ["--config", "configs/generation_configs/demo_greedy.json",
          f"--run_dir={os.path.join(runs, run)}", f"--split={demo_layout.EVAL_SPLIT}",
          f"--output_path={output}", "--evaluate",
+         f"--kilt_title_map={paths['title_map']}",
          f"--gold_path={os.path.join(world, 'kilt', demo_layout.GOLD_FILE)}"],
         os.path.join(os.path.dirname(output), "kilt_metrics.json")))
   return stages
@@ -189,6 +196,7 @@ def collect_results(out):
           os.path.join(os.path.dirname(output), "kilt_metrics.json"))
       row["generation"] = {
           "rougeL": metrics["rougeL"], "f1": metrics["f1"],
+          "rprec": metrics["rprec"], "kilt_rougeL": metrics["kilt_rougeL"],
           "fact_accuracy": demo_layout.fact_accuracy(gold_records,
                                          kilt_metrics.read_guesses(output))}
     results[run] = row
@@ -200,17 +208,22 @@ def _run_seconds(times, run):
              for stage in ("train", "evaluate", "generate"))
 
 
+# The generation scores of the table, in its column order.
+GENERATION_COLUMNS = ("rougeL", "f1", "fact_accuracy", "rprec", "kilt_rougeL")
+
+
 def results_table(results, times):
   """The demo's table, as markdown: one row per run."""
   lines = [
       "| run | steps | answer ppl, real contexts | random contexts | "
-      "no contexts | ROUGE-L | F1 | fact accuracy | time (s) |",
-      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+      "no contexts | ROUGE-L | F1 | fact accuracy | R-Prec | KILT-RL | "
+      "time (s) |",
+      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+      "| ---: |"]
   for run, row in results.items():
     generation = row["generation"]
-    scores = (["-"] * 3 if generation is None else
-              [f"{generation[name]:.3f}"
-               for name in ("rougeL", "f1", "fact_accuracy")])
+    scores = (["-"] * len(GENERATION_COLUMNS) if generation is None else
+              [f"{generation[name]:.3f}" for name in GENERATION_COLUMNS])
     lines.append(
         f"| {run} | {row['steps']} | " +
         " | ".join(f"{row['ablation'][name]:.3f}" for name in demo_layout.ABLATIONS) +
