@@ -19,12 +19,16 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(PY) check_flags.py .
 
+# Two test processes (pytest-xdist), a test module per process at a time so
+# that module fixtures are built once.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: lint
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # The suite without the tests marked slow: for a quick loop while editing.
 test-fast: lint
-	$(PY) -m pytest -q -m 'not slow' tests
+	$(PYTEST) -m 'not slow' tests
 
 demo: $(STAMP)
 	$(PY) util_scripts/run_demo.py --output_dir=demo_out

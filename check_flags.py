@@ -1,14 +1,21 @@
-"""The flag-usage lint: every use of a flag holder ends in `.value`.
+"""The flag-usage lint: flags are read only in entry scripts, always with `.value`.
 
-Flags are defined as `_FLAG_NAME = flags.DEFINE_*(...)` and read as
-`_FLAG_NAME.value`; passing a holder to absl's own flag helpers
-(`flags.mark_flag_as_required(_FLAG_NAME)`, ...) is allowed too. Anything else
-(`_FLAG_NAME` alone, `.name`, `.default`) is reported as `file:line: ...`,
-and the lint exits 1.
+Two rules, each offence reported as `file:line: ...` (the lint then exits 1):
+
+- Every use of a flag holder ends in `.value`. Flags are defined as
+  `_FLAG_NAME = flags.DEFINE_*(...)` and read as `_FLAG_NAME.value`; passing a
+  holder to absl's own flag helpers (`flags.mark_flag_as_required(_FLAG_NAME)`,
+  ...) is allowed too. Anything else (`_FLAG_NAME` alone, `.name`,
+  `.default`) is an offence.
+- Only entry scripts (files with `if __name__ == "__main__":`) and `cli.py`
+  (the command-line layer) touch flags: a library module, any other .py
+  outside `tests/`, must not import `absl.flags` nor `cli`, and must not read
+  a flag holder's `.value`. The library takes typed configs instead.
 
   python check_flags.py [DIR_OR_FILE ...]   (default: the current directory)
 """
 
+import ast
 import io
 import os
 import re
@@ -21,6 +28,10 @@ ABSL_HOLDER_FUNCTIONS = {
     "mark_flags_as_mutual_exclusive", "mark_bool_flags_as_mutual_exclusive",
     "register_validator", "register_multi_flags_validator",
 }
+# Where flags may be read besides the entry scripts (paths relative to the
+# directory the lint is run on); tests parse flags of the scripts they test.
+COMMAND_LINE_MODULE = "cli.py"
+TEST_DIR = "tests"
 SKIPPED_DIRS = {".venv", ".git", "__pycache__", "build", "node_modules",
                 "demo_out", "bench_out"}
 
@@ -65,32 +76,98 @@ def offences_in_source(source, path="<source>"):
   return offences
 
 
+def _is_entry_script(tree):
+  """Whether the module has a top-level `if __name__ == "__main__":`."""
+  for node in tree.body:
+    test = getattr(node, "test", None) if isinstance(node, ast.If) else None
+    if (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and
+        test.left.id == "__name__" and len(test.comparators) == 1 and
+        isinstance(test.comparators[0], ast.Constant) and
+        test.comparators[0].value == "__main__"):
+      return True
+  return False
+
+
+def _forbidden_import(node):
+  """The flag module a library import brings in (`absl.flags`, `cli`), or None."""
+  if isinstance(node, ast.Import):
+    for alias in node.names:
+      if alias.name == "cli":
+        return "cli"
+      if alias.name == "absl.flags" or alias.name.startswith("absl.flags."):
+        return "absl.flags"
+  elif isinstance(node, ast.ImportFrom) and not node.level:
+    module = node.module or ""
+    if module == "cli":
+      return "cli"
+    if module == "absl.flags" or module.startswith("absl.flags."):
+      return "absl.flags"
+    if module == "absl" and any(a.name == "flags" for a in node.names):
+      return "absl.flags"
+  return None
+
+
+def library_offences_in_source(source, path="<source>"):
+  """(path, line, message) for each flag import or read of a library module
+  (the caller decides which files are library modules); none in an entry
+  script."""
+  tree = ast.parse(source, path)
+  if _is_entry_script(tree):
+    return []
+  offences = []
+  for node in ast.walk(tree):
+    module = _forbidden_import(node)
+    if module:
+      offences.append((path, node.lineno,
+                       f"library module imports {module}: flags are read "
+                       "only in entry scripts and cli.py"))
+    elif (isinstance(node, ast.Attribute) and node.attr == "value" and
+          isinstance(node.value, ast.Name) and HOLDER.match(node.value.id)):
+      offences.append((path, node.lineno,
+                       f"library module reads {node.value.id}.value: flags "
+                       "are read only in entry scripts and cli.py"))
+  return sorted(offences)
+
+
+def is_library_path(relative_path):
+  """Whether a file (its path relative to the linted directory) is a library
+  module: not `cli.py`, nor under `tests/`."""
+  parts = os.path.normpath(relative_path).split(os.sep)
+  return parts != [COMMAND_LINE_MODULE] and TEST_DIR not in parts[:-1]
+
+
 def python_files(roots):
+  """(path, path relative to its root) of every .py under `roots`."""
   for root in roots:
     if os.path.isfile(root):
-      yield root
+      yield root, os.path.relpath(root)
       continue
     for directory, subdirs, files in os.walk(root):
       subdirs[:] = sorted(d for d in subdirs
                           if d not in SKIPPED_DIRS and not d.startswith("."))
       for name in sorted(files):
         if name.endswith(".py"):
-          yield os.path.join(directory, name)
+          path = os.path.join(directory, name)
+          yield path, os.path.relpath(path, root)
 
 
 def main(argv):
   offences = []
   files = list(python_files(argv[1:] or ["."]))
-  for path in files:
+  for path, relative_path in files:
     with open(path, encoding="utf-8") as f:
-      offences.extend(offences_in_source(f.read(), path))
+      source = f.read()
+    offences.extend(offences_in_source(source, path))
+    if is_library_path(relative_path):
+      offences.extend(library_offences_in_source(source, path))
   for path, line, message in offences:
     print(f"{path}:{line}: {message}")
   if offences:
-    print(f"check_flags: {len(offences)} flag use(s) without .value",
-          file=sys.stderr)
+    print(f"check_flags: {len(offences)} flag use(s) without .value or "
+          "outside the entry scripts", file=sys.stderr)
     return 1
-  print(f"check_flags: {len(files)} files, every flag read with .value")
+  print(f"check_flags: {len(files)} files, every flag read with .value, "
+        "only in entry scripts and cli.py")
   return 0
 
 

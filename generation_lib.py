@@ -1,183 +1,59 @@
-"""Generation from a trained run: the run read back, prompts laid out as in training, batched decoding, KILT records, a resumable output.
+"""Generation from a trained run: `GenerationConfig`, `generate`, prompts laid out as in training, KILT records, a resumable output.
 
-`generation.py` is the command line over this module; `util_scripts/export_hf.py`
-uses its run loading. No flags here, so tests and other scripts can import it.
-
-A run directory (written by main.py) holds `config.json` ({"flags": every
-training flag, "model_config": the GPT-2 config keys that decide the weights})
-and `checkpoints/` (tf.train.Checkpoint of `model`, optimizer, step and data
-iterator); only the model is restored.
+`generation.py` is the command line over `generate(GenerationConfig(...))`.
+The run is read back through `run_dir` alone (its checkpoint, tokenizer and
+settings: `training.TrainConfig` from its config.json), or a Hugging Face
+GPT-2 is given with the cache and the layout, training's defaults standing in
+for a run. Decoding is `decoding`'s.
 
 Prompts are `task_specific.prompt_and_kept` of the question and the contexts
-drawn by `retrievers.sample_neighbours` with the seed training's evaluation
-uses (epoch 0, first answer), so a prompt is the training sequence of the same
-example up to and including `Answer:`. Truncation is the layout's: the question
-is cut to `max_question_tokens`, each context to `max_context_tokens`, and the
-contexts fill the room left by the question, the answer reserve and the helper
-words in the order drawn, the last one cut and any without room dropped. A
-prompt therefore never exceeds `sequence_length - max_answer_tokens - 1`
-tokens; prompts are left-padded to that length so decoding compiles once.
+`context_draw` draws with the seed training's evaluation uses (epoch 0, first
+answer), so a prompt is the training sequence of the same example up to and
+including `Answer:`. Truncation is the layout's: the question is cut to
+`max_question_tokens`, each context to `max_context_tokens`, and the
+contexts fill the room left by the question, the answer reserve and the
+helper words in the order drawn, the last one cut and any without room
+dropped. A prompt therefore never exceeds `Layout.prompt_length` tokens;
+prompts are left-padded to that length so decoding compiles once.
 """
 
 import dataclasses
 import json
 import os
+import sys
+import typing
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
-import transformers
+import tqdm
 
+import block_store
+import context_draw
+import decoding as decoding_lib
+import kilt_files
 import kilt_metrics
 import modeling_tf_gpt2_model_par as modeling
 import neighbour_cache
-import retrievers
+import run_dir as run_directory
+import settings
 import task_specific
+import tf_utils
+import training
 import utils
 
-RUN_CONFIG_NAME = "config.json"
-RUN_CHECKPOINT_DIR = "checkpoints"
-_MODEL_CONFIG_NAME = "config.json"  # Of a Hugging Face model directory.
+setting = settings.setting
+
 GENERATION_CONFIG_NAME = "generation_config.json"
 METRICS_NAME = "kilt_metrics.json"
 PARTIAL_SUFFIX = ".partial"
 # Approaches a prompt can be laid out for (random_context is an evaluation
 # control, not a system to generate with).
-APPROACHES = ("naked_lm", "cached_pretok")
-DECODINGS = ("greedy", "sampling", "beam")
-# The layout flags of main.py and their defaults there: a Hugging Face model
-# has no run config to take them from.
-LAYOUT_DEFAULTS = {
-    "sequence_length": 0, "max_question_tokens": 64, "max_answer_tokens": 350,
-    "max_context_tokens": 288, "use_helper_words": True,
-    "context_helper_mode": "each",
-}
+APPROACHES = (context_draw.Approach.NAKED_LM.value,
+              context_draw.Approach.CACHED_PRETOK.value)
 # A context budget no prompt reaches: `fit_contexts` then keeps every slot
 # whole, which gives each slot's untruncated length.
 _UNLIMITED_BUDGET = 2**30
-
-
-# ---------------------------------------------------------------------------
-# A run directory, read back
-# ---------------------------------------------------------------------------
-
-
-def read_run_config(run_dir):
-  """The run's config.json: {"flags": {...}, "model_config": {...}}."""
-  path = os.path.join(run_dir, RUN_CONFIG_NAME)
-  if not tf.io.gfile.exists(path):
-    raise utils.UserError(
-        f"--run_dir={run_dir}: no {RUN_CONFIG_NAME}; expected a run directory "
-        "written by main.py")
-  config = utils.read_json(path, "run config")
-  for key in ("flags", "model_config"):
-    if not isinstance(config.get(key), dict):
-      raise utils.UserError(
-          f"{path}: no {key!r} object; expected the config.json main.py "
-          "writes")
-  return config
-
-
-def run_tokenizer_key(run_config):
-  """The tokenizer the run trained with: as main.py chose it, its --tokenizer
-  or else its cache's."""
-  run_flags = run_config["flags"]
-  return (run_flags.get("tokenizer") or
-          neighbour_cache.read_manifest(run_flags["cache_dir"])["tokenizer"])
-
-
-def run_model_config(run_config, tokenizer):
-  """The run's GPT2Config.
-
-  The run records the keys that decide the weights; the rest (dropout,
-  special token ids, ...) comes from the config.json of the directory the
-  run started from when it is still there (a hub key is not fetched), and
-  the special token ids otherwise from the tokenizer.
-  """
-  start_config = os.path.join(run_config["flags"].get("model_key") or "",
-                              _MODEL_CONFIG_NAME)
-  values = {}
-  if tf.io.gfile.exists(start_config):
-    values = utils.read_json(start_config, "GPT-2 config")
-  values.update(run_config["model_config"])
-  values.setdefault("bos_token_id", tokenizer.eos_token_id)
-  values.setdefault("eos_token_id", tokenizer.eos_token_id)
-  return transformers.GPT2Config.from_dict(values)
-
-
-def _check_checkpoint_weights(path, model, config_path):
-  """Refuses a checkpoint whose model weights are not the config's.
-
-  Checked by name and shape before restoring: a checkpoint of a deeper
-  model would otherwise silently fill a shallower one, and a failed restore
-  leaves TensorFlow warning about every unread value.
-  """
-  prefix, suffix = "model/", "/.ATTRIBUTES/VARIABLE_VALUE"
-  stored = {name[len(prefix):-len(suffix)].replace("/", "."): tuple(shape)
-            for name, shape in tf.train.list_variables(path)
-            if name.startswith(prefix) and name.endswith(suffix) and
-            ".OPTIMIZER_SLOT" not in name}
-  expected = {name: tuple(variable.shape)
-              for name, variable in model.named_weights().items()}
-  if len(stored) != len(expected):
-    raise utils.UserError(
-        f"{path}: holds {len(stored)} model weights, but the model of "
-        f"{config_path} has {len(expected)}; the checkpoint is not this run's")
-  for name, shape in expected.items():
-    if stored.get(name) != shape:
-      raise utils.UserError(
-          f"{path}: weight {name} has shape {stored.get(name)} in the "
-          f"checkpoint, {shape} in the model of {config_path}; the checkpoint "
-          "is not this run's")
-
-
-def restore_run_model(run_dir, run_config, tokenizer, strategy=None):
-  """The model of the run's latest checkpoint.
-
-  Returns:
-    (model, checkpoint path, training step). The model's variables are made
-    in `strategy`'s scope (mirrored over its replicas).
-  """
-  config = run_model_config(run_config, tokenizer)
-  with (strategy or tf.distribute.get_strategy()).scope():
-    model = modeling.GPT2LMHeadModel.from_config(config)
-  path = tf.train.latest_checkpoint(os.path.join(run_dir, RUN_CHECKPOINT_DIR))
-  if path is None:
-    raise utils.UserError(
-        f"--run_dir={run_dir}: no checkpoint in {RUN_CHECKPOINT_DIR}/ "
-        "(train first)")
-  config_path = os.path.join(run_dir, RUN_CONFIG_NAME)
-  _check_checkpoint_weights(path, model, config_path)
-  try:
-    # Partial: the optimizer and data iterator of the checkpoint stay unread.
-    tf.train.Checkpoint(model=model).restore(
-        path).expect_partial().assert_existing_objects_matched()
-  except (AssertionError, ValueError, tf.errors.OpError) as error:
-    raise utils.UserError(
-        f"{path}: does not match the model of {config_path}: "
-        f"{' '.join(str(error).split())[:300]}") from None
-  return model, path, int(path.rsplit("-", 1)[-1])
-
-
-def make_layout(tokenizer, values, n_positions):
-  """The layout of main.py's layout flags (`values`, by flag name)."""
-  sequence_length = values["sequence_length"] or n_positions
-  if sequence_length > n_positions:
-    raise utils.UserError(
-        f"--sequence_length={sequence_length} exceeds the model's "
-        f"n_positions={n_positions}")
-  return task_specific.make_layout(
-      tokenizer, sequence_length=sequence_length,
-      max_question_tokens=values["max_question_tokens"],
-      max_answer_tokens=values["max_answer_tokens"],
-      max_context_tokens=values["max_context_tokens"],
-      use_helper_words=values["use_helper_words"],
-      context_helper_mode=values["context_helper_mode"])
-
-
-def prompt_length(layout):
-  """The longest prompt: the sequence minus the answer reserve and its EOS."""
-  return layout.sequence_length - layout.max_answer_tokens - 1
 
 
 # ---------------------------------------------------------------------------
@@ -186,29 +62,23 @@ def prompt_length(layout):
 
 
 def context_indices(example, config):
-  """Indices of the neighbours an example's prompt holds, in the order drawn.
-
-  The seed is `task_specific.make_example_fn`'s for epoch 0 and the first
-  answer (what evaluation sees), so temperature > 0 draws the contexts the
-  run's evaluation drew.
-  """
-  seed = tf.random.experimental.stateless_fold_in(
-      retrievers.example_seed(config.seed, tf.constant(0, tf.int64),
-                              example["id"]), tf.constant(0, tf.int64))
-  return retrievers.sample_neighbours(
-      example["neighbour_scores"], config.num_retrievals,
-      config.retrieval_temperature, seed,
-      bank_size=config.retrieval_bank_size or None)
+  """Indices of the neighbours an example's prompt holds, in the order drawn:
+  the draw of the run's evaluation (`context_draw`'s seed for the evaluation
+  epoch and the first answer)."""
+  return context_draw.draw(
+      example["neighbour_scores"], config,
+      context_draw.example_seed(config.seed, context_draw.EVALUATION_EPOCH,
+                                example["id"], 0))
 
 
 def make_prompt_fn(config, layout):
   """Parsed cache example -> left-padded prompt, provenance and truncation counts."""
-  length = prompt_length(layout)
+  length = layout.prompt_length
 
   # Plain tensor code: nothing for AutoGraph to convert.
   @tf.autograph.experimental.do_not_convert
   def prompt_fn(example):
-    if config.approach == "naked_lm":
+    if config.approach == context_draw.Approach.NAKED_LM:
       indices = tf.zeros([0], tf.int32)
       contexts = task_specific.no_contexts()
     else:
@@ -252,7 +122,7 @@ def read_prompts(files, config, layout, max_examples=0):
 
   Returns:
     A dict of numpy arrays, one row per example: `id`, `question` (str),
-    `input_ids` and `attention_mask` int32 [N, prompt_length(layout)],
+    `input_ids` and `attention_mask` int32 [N, layout.prompt_length],
     `block_ids` int64 [N, k] (-1: no room in the prompt), `block_scores`
     float32 [N, k] (the drawn neighbours' cached scores), and the
     TRUNCATION_COUNTS per example.
@@ -283,137 +153,7 @@ def truncation_summary(prompts, layout):
       f"{counts['contexts_cut_to_max']} cut to {layout.max_context_tokens} "
       f"tokens, {counts['contexts_cut_for_room']} cut and "
       f"{counts['contexts_dropped']} dropped for lack of room "
-      f"(prompts hold at most {prompt_length(layout)} tokens)")
-
-
-# ---------------------------------------------------------------------------
-# Decoding
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Decoding:
-  """How answers are decoded (`max_new_tokens` 0: the layout's answer reserve)."""
-  method: str = "greedy"
-  max_new_tokens: int = 0
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  num_beams: int = 1
-  repetition_penalty: float = 1.0
-  length_penalty: float = 1.0
-  seed: int = 0
-
-
-def check_decoding(decoding):
-  """A UserError for a setting that does not apply or is out of range."""
-  if decoding.method not in DECODINGS:
-    raise utils.UserError(f"--decoding={decoding.method!r}: expected one of "
-                          f"{', '.join(DECODINGS)}")
-  sampling_only = {"temperature": decoding.temperature != 1.0,
-                   "top_k": decoding.top_k != 0,
-                   "top_p": decoding.top_p != 1.0}
-  for name, is_set in sampling_only.items():
-    if is_set and decoding.method != "sampling":
-      raise utils.UserError(
-          f"--{name}={getattr(decoding, name)} applies only to "
-          f"--decoding=sampling, not --decoding={decoding.method}")
-  if decoding.method == "beam":
-    if decoding.num_beams < 2:
-      raise utils.UserError(
-          f"--num_beams={decoding.num_beams}: --decoding=beam needs >= 2")
-  elif decoding.num_beams != 1:
-    raise utils.UserError(
-        f"--num_beams={decoding.num_beams} applies only to --decoding=beam "
-        f"(beam sampling is not supported), not --decoding={decoding.method}")
-  if decoding.length_penalty != 1.0 and decoding.method != "beam":
-    raise utils.UserError(
-        f"--length_penalty={decoding.length_penalty} applies only to "
-        f"--decoding=beam, not --decoding={decoding.method}")
-  if decoding.method == "sampling" and not decoding.temperature > 0:
-    raise utils.UserError(
-        f"--temperature={decoding.temperature}: must be > 0 (use "
-        "--decoding=greedy for the argmax)")
-  if decoding.top_k < 0:
-    raise utils.UserError(f"--top_k={decoding.top_k}: must be >= 0 (0: off)")
-  if not 0.0 < decoding.top_p <= 1.0:
-    raise utils.UserError(f"--top_p={decoding.top_p}: must be in (0, 1]")
-  if not decoding.repetition_penalty > 0:
-    raise utils.UserError(
-        f"--repetition_penalty={decoding.repetition_penalty}: must be > 0 "
-        "(1: off)")
-  if decoding.max_new_tokens < 0:
-    raise utils.UserError(
-        f"--max_new_tokens={decoding.max_new_tokens}: must be >= 0 (0: the "
-        "layout's answer reserve)")
-
-
-def resolve_max_new_tokens(decoding, layout, n_positions):
-  """`decoding` with max_new_tokens set; a UserError when it cannot fit."""
-  max_new_tokens = decoding.max_new_tokens or layout.max_answer_tokens + 1
-  room = n_positions - prompt_length(layout)
-  if max_new_tokens > room:
-    raise utils.UserError(
-        f"--max_new_tokens={max_new_tokens}: prompts take up to "
-        f"{prompt_length(layout)} tokens (--sequence_length="
-        f"{layout.sequence_length} minus the answer reserve "
-        f"--max_answer_tokens={layout.max_answer_tokens} and EOS), so at most "
-        f"{room} new tokens fit the model's n_positions={n_positions}; lower "
-        "it, or lay prompts out with a smaller --sequence_length")
-  return dataclasses.replace(decoding, max_new_tokens=max_new_tokens)
-
-
-def make_batch_generator(strategy, model, decoding, eos_id):
-  """fn(input_ids [B, P], attention_mask [B, P], batch_index) -> int32 [B, new].
-
-  The global batch is cut into one slice per replica, in replica order, and
-  the outputs are joined in the same order, so rows keep their places
-  whatever the number of replicas. Greedy and beam decoding trace one
-  function for the whole run; sampling draws from a seed made of
-  (`decoding.seed`, batch index), the same on a resumed run, and traces once
-  per batch (the model's `generate` takes its seed as a Python int; its
-  compiled decoding loop is reused).
-  """
-  settings = dict(
-      max_new_tokens=decoding.max_new_tokens,
-      do_sample=decoding.method == "sampling",
-      temperature=decoding.temperature, top_k=decoding.top_k,
-      top_p=decoding.top_p, num_beams=decoding.num_beams,
-      repetition_penalty=decoding.repetition_penalty,
-      length_penalty=decoding.length_penalty, eos_token_id=eos_id,
-      pad_token_id=eos_id)
-  num_replicas = strategy.num_replicas_in_sync
-
-  def distributed_generate(seed):
-    def replica_generate(batch):
-      return model.generate(batch["input_ids"],
-                            attention_mask=batch["attention_mask"], seed=seed,
-                            **settings)
-
-    return tf.function(
-        lambda inputs: strategy.run(replica_generate, args=(inputs,)),
-        autograph=False)
-
-  unseeded = None if settings["do_sample"] else distributed_generate(0)
-
-  def generate(input_ids, attention_mask, batch_index):
-    per_replica = len(input_ids) // num_replicas
-
-    def replica_inputs(context):
-      start = context.replica_id_in_sync_group * per_replica
-      return {"input_ids": tf.constant(input_ids[start:start + per_replica]),
-              "attention_mask": tf.constant(
-                  attention_mask[start:start + per_replica])}
-
-    inputs = strategy.experimental_distribute_values_from_function(
-        replica_inputs)
-    run = unseeded or distributed_generate(int(np.random.SeedSequence(
-        [decoding.seed, batch_index]).generate_state(1)[0]))
-    outputs = run(inputs)
-    return np.concatenate([output.numpy() for output in
-                           strategy.experimental_local_results(outputs)])
-
-  return generate
+      f"(prompts hold at most {layout.prompt_length} tokens)")
 
 
 def answer_text(tokenizer, tokens, eos_id):
@@ -422,13 +162,6 @@ def answer_text(tokenizer, tokens, eos_id):
   if eos_id in tokens:
     tokens = tokens[:tokens.index(eos_id)]
   return tokenizer.decode(tokens).strip()
-
-
-def kilt_record(example_id, question, answer, provenance):
-  """One line of KILT's format; provenance: the prompt's blocks, as
-  `kilt_metrics.block_provenance` writes them."""
-  return {"id": example_id, "input": question,
-          "output": [{"answer": answer, "provenance": provenance}]}
 
 
 def prompt_provenance(prompts, example_index, title_of_block, title_map):
@@ -584,3 +317,296 @@ def evaluate_output(gold_records, gold_path, output_path):
   logging.info("scored %d of the %d questions of %s", len(scored),
                len(gold_records), gold_path)
   return metrics
+
+
+# ---------------------------------------------------------------------------
+# The generation job
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  """Everything that decides a generation (generation.py's flags)."""
+  output_path: typing.Optional[str] = setting(
+      None,
+      "Required. The generations (.jsonl, local or gs://); "
+      "generation_config.json is written beside it, so give each generation "
+      "its own directory.")
+  run_dir: typing.Optional[str] = setting(
+      None,
+      "A run directory of main.py: its latest checkpoint, tokenizer and "
+      "config.json (the defaults of the settings below) are used. This or "
+      "--model_key is required.")
+  model_key: typing.Optional[str] = setting(
+      None,
+      "Instead of --run_dir: a Hugging Face GPT-2 (hub key or directory with "
+      "config.json and weights).")
+  tokenizer: typing.Optional[str] = setting(
+      None,
+      "GPT2TokenizerFast key or directory. Default: the run's, else "
+      "--model_key.")
+  cache_dir: typing.Optional[str] = setting(
+      None,
+      "Neighbour cache holding the split's questions. Default: the run's; "
+      "required with --model_key.")
+  split: str = setting("validation", "Split of the cache to answer.",
+                       choices=("validation", "test"))
+  max_examples: int = setting(
+      0, "Answer only the first this many questions; 0: all.")
+  batch_size: int = setting(
+      8,
+      "Global batch: questions decoded at once over all replicas (a multiple "
+      "of the number of replicas).")
+  blocks_path: typing.Optional[str] = setting(
+      None,
+      "blocks.tfr of the cache's blocks (the block store the provenance "
+      "titles are read through). Default: the cache manifest's.")
+  titles_path: typing.Optional[str] = setting(
+      None,
+      "titles.tfr (record i: the page title of block i) for the provenance "
+      "titles. Default: the cache manifest's titles_path; without one, "
+      "provenance has no titles.")
+  kilt_title_map: typing.Optional[str] = setting(
+      None,
+      "Title -> wikipedia_id JSON map (util_scripts/kilt_title_map.py): gives "
+      "each provenance entry KILT's wikipedia_id, which KILT's R-precision, "
+      "recall@5 and KILT-* scores need. Needs block titles (--titles_path or "
+      "the manifest's).")
+  approach_type: typing.Optional[str] = setting(
+      None,
+      "naked_lm: no contexts; cached_pretok: contexts from the cached "
+      "neighbours. Default: the run's (cached_pretok for a random_context "
+      "run), else cached_pretok.", choices=APPROACHES)
+  num_retrievals: typing.Optional[int] = setting(
+      None, "Contexts per prompt. Default: the run's, else 5.")
+  retrieval_temperature: float = setting(
+      0.0,
+      "Contexts are drawn without replacement from softmax(scores / this), "
+      "seeded as in training; 0 takes the top --num_retrievals by score.")
+  retrieval_bank_size: typing.Optional[int] = setting(
+      None,
+      "Draw only among the best this many neighbours; 0: all cached. "
+      "Default: the run's, else 0.")
+  random_seed: typing.Optional[int] = setting(
+      None,
+      "Seed of the context draw (as in training). Default: the run's, else "
+      "0.")
+  # The layout settings given (task_specific.LayoutConfig's fields); the
+  # others are the run's, else LayoutConfig's defaults.
+  layout_overrides: dict = dataclasses.field(default_factory=dict)
+  decoding: decoding_lib.DecodeSettings = decoding_lib.DecodeSettings()
+  evaluate: bool = setting(
+      False, "Score the generations with KILT's metrics against --gold_path.")
+  gold_path: typing.Optional[str] = setting(
+      None,
+      "KILT gold jsonl with answers (e.g. "
+      f"{kilt_files.ELI5_SPLIT_FILES['validation']}); required "
+      "with --evaluate.")
+  strategy: tf_utils.StrategyConfig = tf_utils.StrategyConfig()
+
+
+def config_from_flat(values, where):
+  """The `GenerationConfig` of a flat {flag name: value} (a generation config
+  of configs/, say): `task_specific.LayoutConfig`'s settings go to
+  `layout_overrides`, as generation.py's layout flags do; an unknown name is
+  a UserError naming `where`."""
+  layout_names = set(settings.flat_defaults(task_specific.LayoutConfig))
+  return settings.from_flat(
+      GenerationConfig,
+      {**{name: value for name, value in values.items()
+          if name not in layout_names},
+       "layout_overrides": {name: value for name, value in values.items()
+                            if name in layout_names}},
+      where)
+
+
+def _model_and_tokenizer(config, strategy):
+  """(model, tokenizer, its key, the run's TrainConfig or None, the weights'
+  source)."""
+  if bool(config.run_dir) == bool(config.model_key):
+    raise utils.UserError(
+        "give exactly one of --run_dir (a main.py run) and --model_key (a "
+        "Hugging Face GPT-2)")
+  if config.run_dir:
+    run_config, train_config = training.read_run(config.run_dir)
+    tokenizer_key = config.tokenizer or run_directory.tokenizer_dir(
+        config.run_dir, run_config)
+    tokenizer = task_specific.load_tokenizer(tokenizer_key)
+    model, checkpoint, step = run_directory.load_model(
+        config.run_dir, run_config, strategy)
+    source = {"run_dir": config.run_dir, "checkpoint": checkpoint,
+              "step": step}
+    return model, tokenizer, tokenizer_key, train_config, source
+  tokenizer_key = config.tokenizer or config.model_key
+  tokenizer = task_specific.load_tokenizer(tokenizer_key)
+  with strategy.scope():
+    model = modeling.GPT2LMHeadModel.from_pretrained(config.model_key)
+  return model, tokenizer, tokenizer_key, None, {"model_key": config.model_key}
+
+
+def _given(value, default):
+  return default if value is None else value
+
+
+def _data_config(config, run):
+  """The contexts' settings: the flag's if given, else the run's (`run`: its
+  TrainConfig, or the defaults for a Hugging Face model)."""
+  approach = config.approach_type or run.approach_type
+  if approach not in APPROACHES:
+    approach = context_draw.Approach.CACHED_PRETOK
+  return task_specific.DataConfig(
+      approach=context_draw.Approach(approach),
+      num_retrievals=_given(config.num_retrievals, run.num_retrievals),
+      retrieval_temperature=config.retrieval_temperature,
+      retrieval_bank_size=_given(config.retrieval_bank_size,
+                                 run.retrieval_bank_size),
+      seed=_given(config.random_seed, run.random_seed))
+
+
+def _block_titles(config, data_config, manifest, titles_path, title_map):
+  """fn(block id) -> title or None; None for prompts without contexts."""
+  if title_map is not None and not titles_path:
+    raise utils.UserError(
+        "--kilt_title_map: the provenance needs block titles to map, but the "
+        "cache's manifest has no titles_path; give --titles_path (REALM's "
+        "titles.tfr)")
+  if data_config.approach == context_draw.Approach.NAKED_LM:
+    return None
+  blocks = block_store.BlockStore(
+      config.blocks_path or manifest["blocks_path"], manifest["num_blocks"],
+      titles_path=titles_path)
+  return blocks.title
+
+
+def generate(config):
+  """Writes the generations of `config` (a `GenerationConfig`), resuming a
+  killed job, and with `config.evaluate` their KILT metrics.
+
+  Returns:
+    The KILT metrics with `evaluate`, else None.
+  """
+  output_path = config.output_path
+  if not output_path:
+    raise utils.UserError("--output_path is required (the generations .jsonl)")
+  gold_records = None
+  if config.evaluate:
+    if config.split == "test":
+      raise utils.UserError(
+          "--evaluate: the test split has no gold answers (KILT scores it on "
+          "its leaderboard); evaluate --split=validation")
+    if not config.gold_path:
+      raise utils.UserError(
+          "--evaluate needs --gold_path (a KILT jsonl with answers, e.g. "
+          f"{kilt_files.ELI5_SPLIT_FILES['validation']})")
+    gold_records = kilt_metrics.read_gold(config.gold_path)
+  title_map = (kilt_metrics.read_title_map(config.kilt_title_map)
+               if config.kilt_title_map else None)
+
+  strategy = tf_utils.strategy_from_config(config.strategy)
+  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    raise utils.UserError(
+        "--distribute_mode=MultiWorkerMirroredStrategy: generation runs on one "
+        "host (OneDeviceStrategy, MirroredStrategy or TPUStrategy); run one "
+        "job per split or per --max_examples range instead")
+  batch_size = config.batch_size
+  num_replicas = strategy.num_replicas_in_sync
+  if batch_size < 1 or batch_size % num_replicas:
+    raise utils.UserError(
+        f"--batch_size={batch_size}: must be a positive multiple of the "
+        f"{num_replicas} replicas")
+  if config.max_examples < 0:
+    raise utils.UserError(
+        f"--max_examples={config.max_examples}: must be >= 0 (0: all)")
+
+  model, tokenizer, tokenizer_key, train_config, source = (
+      _model_and_tokenizer(config, strategy))
+  # A Hugging Face model has no run: training's defaults stand in for it.
+  run = train_config or training.TrainConfig()
+  cache_dir = config.cache_dir or run.cache_dir
+  if not cache_dir:
+    raise utils.UserError("--cache_dir is required with --model_key")
+  manifest = neighbour_cache.read_manifest(cache_dir)
+  neighbour_cache.check_manifest(
+      manifest, cache_dir, split=config.split,
+      vocab_size=model.config.vocab_size,
+      tokenizer_fingerprint=neighbour_cache.tokenizer_fingerprint(tokenizer))
+  data_config = _data_config(config, run)
+  task_specific.check_data_config(data_config, manifest, cache_dir)
+  layout_config = settings.from_flat(
+      task_specific.LayoutConfig,
+      {**settings.flatten(run.layout), **config.layout_overrides}, "layout")
+  layout = task_specific.make_layout(tokenizer, layout_config,
+                                     model.config.n_positions)
+  decode = decoding_lib.resolve_max_new_tokens(
+      config.decoding, layout, model.config.n_positions)
+  titles_path = config.titles_path or manifest.get("titles_path")
+  titles = _block_titles(config, data_config, manifest, titles_path, title_map)
+
+  prompts = read_prompts(
+      neighbour_cache.split_files(cache_dir, manifest, config.split),
+      data_config, layout, config.max_examples)
+  truncation = truncation_summary(prompts, layout)
+  logging.info("prompt layout: %s", truncation)
+
+  record = {
+      "output_name": os.path.basename(output_path), "source": source,
+      "tokenizer": tokenizer_key, "cache_dir": cache_dir,
+      "split": config.split, "max_examples": config.max_examples,
+      "num_examples": len(prompts["id"]),
+      "approach_type": data_config.approach.value,
+      "num_retrievals": data_config.num_retrievals,
+      "retrieval_temperature": data_config.retrieval_temperature,
+      "retrieval_bank_size": data_config.retrieval_bank_size,
+      "random_seed": data_config.seed,
+      "layout": dict(settings.flatten(layout_config),
+                     sequence_length=layout.sequence_length),
+      "prompt_length": layout.prompt_length,
+      "decoding": dataclasses.asdict(decode),
+      "batch_size": batch_size, "num_replicas": num_replicas,
+      "titles_path": titles_path,
+      "kilt_title_map": config.kilt_title_map,
+  }
+  # One job at a time writes an output: a second one fails at once.
+  with utils.locked_directory(os.path.dirname(output_path) or ".",
+                              f"{os.path.basename(output_path)}.lock",
+                              f"generation output {output_path}"):
+    if prepare_output(output_path, record):
+      print(f"{output_path}: already complete", flush=True)
+    else:
+      generate_batch = decoding_lib.make_batch_generator(
+          strategy, model, decode, tokenizer.eos_token_id)
+
+      def format_batch(rows, tokens):
+        lines = []
+        for example_index, example_tokens in zip(range(rows.start, rows.stop),
+                                                 tokens):
+          line = kilt_files.output_record(
+              prompts["id"][example_index], prompts["question"][example_index],
+              answer_text(tokenizer, example_tokens, tokenizer.eos_token_id),
+              prompt_provenance(prompts, example_index, titles, title_map))
+          lines.append(json.dumps(line) + "\n")
+        return "".join(lines)
+
+      num_batches = -(-len(prompts["id"]) // batch_size)
+      with tqdm.tqdm(total=num_batches, desc="generate", unit="batch") as bar:
+        write_generations(output_path, prompts, batch_size, generate_batch,
+                          format_batch, bar)
+      print(f"wrote {len(prompts['id'])} generations to {output_path}; "
+            f"{truncation}", flush=True)
+    if title_map is not None:
+      # Counted over the whole file, batches of an earlier, resumed run too.
+      warning = kilt_metrics.unmapped_title_warning(
+          [output.get("provenance", []) for output in
+           kilt_metrics.read_guess_outputs(output_path).values()],
+          config.kilt_title_map)
+      if warning:
+        print(warning, file=sys.stderr, flush=True)
+    if gold_records is None:
+      return None
+    metrics = evaluate_output(gold_records, config.gold_path, output_path)
+    utils.atomic_write_json(
+        os.path.join(os.path.dirname(output_path) or ".", METRICS_NAME),
+        metrics)
+    sys.stdout.write(kilt_metrics.markdown_table(
+        {os.path.basename(output_path): metrics}))
+    return metrics

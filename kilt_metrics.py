@@ -52,7 +52,7 @@ the id.
 
 KILT names pages by `wikipedia_id`; REALM's blocks carry only a page title.
 `title_map_from_knowledge_source` streams KILT's knowledge source
-(`kilt_knowledgesource.json`) into a title -> wikipedia_id map, matching
+(`kilt_files.KNOWLEDGE_SOURCE_FILE`) into a title -> wikipedia_id map, matching
 titles exactly and keeping a title's first page, as KILT's
 `KnowledgeSource.get_page_by_title` does (`find_one({"wikipedia_title":
 title})` over the file imported in order); `block_provenance` turns
@@ -64,7 +64,7 @@ builds them: the question copied five times, and a random training answer.
 """
 
 import collections
-import json
+import os
 import random
 import re
 import string
@@ -74,6 +74,7 @@ import rouge
 import tensorflow as tf
 from tqdm import tqdm
 
+import kilt_files
 import neighbour_cache
 import utils
 
@@ -387,33 +388,6 @@ def _record_id(record):
   return str(record["id"]).strip()
 
 
-def read_jsonl(path, what):
-  """The objects of a jsonl file (local or gs://); blank lines are skipped.
-
-  Returns a list of (line_number, object). A missing file, a malformed line
-  or a line that is not an object is a UserError naming the line.
-  """
-  if not tf.io.gfile.exists(path):
-    raise utils.UserError(f"{what} {path} does not exist")
-  records = []
-  with tf.io.gfile.GFile(path, "r") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as error:
-        raise utils.UserError(
-            f"{path}: line {line_number}: malformed JSON ({error.msg}, "
-            f"column {error.colno})") from None
-      if not isinstance(record, dict):
-        raise utils.UserError(
-            f"{path}: line {line_number}: expected a JSON object, got "
-            f"{type(record).__name__}")
-      records.append((line_number, record))
-  return records
-
-
 def _is_page_id(value):
   # KILT's ids are strings (its validator also lets None through); an int is
   # the same id once KILT applies str().
@@ -449,7 +423,7 @@ def read_gold(path):
   """KILT gold records, each with an `id` and at least one answer."""
   records = []
   seen = set()
-  for line_number, record in read_jsonl(path, "gold file"):
+  for line_number, record in kilt_files.read_jsonl(path, "gold file"):
     if "id" not in record:
       raise utils.UserError(f"{path}: line {line_number}: no 'id' field")
     record_id = _record_id(record)
@@ -476,11 +450,9 @@ def read_gold(path):
     if not gold_answers(record):
       raise utils.UserError(
           f"{where} has no gold answer; the gold file must be a split with "
-          "answers (the test split eli5-test_without_answers-kilt.jsonl "
+          f"answers (the test split {kilt_files.ELI5_SPLIT_FILES['test']} "
           "cannot be scored locally)")
     records.append(record)
-  if not records:
-    raise utils.UserError(f"{path}: no records")
   return records
 
 
@@ -488,7 +460,7 @@ def read_guess_outputs(path):
   """{id: output} of a KILT-format guess file: one {"answer", "provenance"?}
   per line, the provenance (when there) a list of objects."""
   outputs = {}
-  for line_number, record in read_jsonl(path, "guess file"):
+  for line_number, record in kilt_files.read_jsonl(path, "guess file"):
     missing = [field for field in ("id", "output") if field not in record]
     if missing:
       raise utils.UserError(
@@ -551,49 +523,41 @@ def title_map_from_knowledge_source(path):
     (pages whose title an earlier page has) and `num_conflicting_duplicates`
     (those of them with another wikipedia_id).
   """
-  if not tf.io.gfile.exists(path):
-    raise utils.UserError(f"knowledge source {path} does not exist")
   title_map = {}
   num_pages = num_duplicates = num_conflicting = 0
-  with tf.io.gfile.GFile(path, "rb") as f, tqdm(
-      total=tf.io.gfile.stat(path).length, desc="knowledge source", unit="B",
-      unit_scale=True, mininterval=2.0) as progress:
-    for line_number, line in enumerate(f, start=1):
-      progress.update(len(line))
-      if not line.strip():
-        continue
-      try:
-        page = json.loads(line)
-      except ValueError as error:  # JSONDecodeError or not UTF-8.
-        raise utils.UserError(
-            f"{path}: line {line_number}: malformed JSON "
-            f"({str(error).splitlines()[0]}), expected one KILT page object "
-            "a line") from None
-      missing = ([field for field in KNOWLEDGE_SOURCE_FIELDS
-                  if field not in page] if isinstance(page, dict)
-                 else list(KNOWLEDGE_SOURCE_FIELDS))
-      if missing:
-        raise utils.UserError(
-            f"{path}: line {line_number}: no {' or '.join(map(repr, missing))}"
-            " field, expected a KILT page object with 'wikipedia_id' and "
-            "'wikipedia_title'")
-      title, page_id = page["wikipedia_title"], page["wikipedia_id"]
-      if not isinstance(title, str) or not isinstance(page_id, str):
-        raise utils.UserError(
-            f"{path}: line {line_number}: wikipedia_title {title!r} and "
-            f"wikipedia_id {page_id!r}, expected two strings")
-      num_pages += 1
-      if title in title_map:
-        num_duplicates += 1
-        num_conflicting += title_map[title] != page_id
-      else:
-        title_map[title] = page_id
-  if not num_pages:
-    raise utils.UserError(f"{path}: no pages, expected KILT's knowledge "
-                          "source (one JSON page a line)")
+  for line_number, page in kilt_files.read_jsonl(
+      path, "KILT knowledge source", progress_description="knowledge source"):
+    missing = [field for field in KNOWLEDGE_SOURCE_FIELDS if field not in page]
+    if missing:
+      raise utils.UserError(
+          f"{path}: line {line_number}: no {' or '.join(map(repr, missing))}"
+          " field, expected a KILT page object with 'wikipedia_id' and "
+          "'wikipedia_title'")
+    title, page_id = page["wikipedia_title"], page["wikipedia_id"]
+    if not isinstance(title, str) or not isinstance(page_id, str):
+      raise utils.UserError(
+          f"{path}: line {line_number}: wikipedia_title {title!r} and "
+          f"wikipedia_id {page_id!r}, expected two strings")
+    num_pages += 1
+    if title in title_map:
+      num_duplicates += 1
+      num_conflicting += title_map[title] != page_id
+    else:
+      title_map[title] = page_id
   return title_map, {"num_pages": num_pages, "num_titles": len(title_map),
                      "num_duplicate_titles": num_duplicates,
                      "num_conflicting_duplicates": num_conflicting}
+
+
+def write_title_map(knowledge_source, output_path):
+  """Writes the {title: wikipedia_id} map of a knowledge source (complete,
+  or not at all); returns `title_map_from_knowledge_source`'s counts."""
+  title_map, counts = title_map_from_knowledge_source(knowledge_source)
+  parent = os.path.dirname(output_path)
+  if parent:
+    utils.makedirs(parent)
+  utils.atomic_write_json(output_path, title_map)
+  return counts
 
 
 def read_title_map(path):
@@ -741,7 +705,7 @@ def evaluate_files(gold_path, guess_path, *, baselines_train_path=None,
   result = score_outputs(gold_records, outputs)
   result.update(gold_path=gold_path, guess_path=guess_path)
   if baselines_train_path:
-    train_records = [record for _, record in read_jsonl(
+    train_records = [record for _, record in kilt_files.read_jsonl(
         baselines_train_path, "baselines training file")]
     try:
       random_answers = random_train_answer_predictions(

@@ -33,7 +33,7 @@ The manifest (written last, so a directory without it is not a finished cache):
 Manifests written before titles were read lack `titles_path`,
 `max_query_length` and `context_with_title`; `read_manifest` gives them
 `titles_path` None (no titles). The block text and titles behind a cache are
-`retrievers.BlockStore(manifest["blocks_path"], manifest["num_blocks"],
+`block_store.BlockStore(manifest["blocks_path"], manifest["num_blocks"],
 titles_path=manifest.get("titles_path"))`.
 """
 

@@ -18,7 +18,7 @@ answer, as at generation time); each context is cut to `max_context_tokens`;
 the contexts, in the order drawn, fill what is left, the last one possibly cut.
 
 Contexts are drawn per example from the cached neighbours by
-`retrievers.sample_neighbours` with a seed from (run seed, epoch, example id,
+`context_draw.sample_neighbours` with a seed from (run seed, epoch, example id,
 answer index), so a resumed run sees the contexts an uninterrupted one would.
 Knows nothing about strategies: the pipeline takes a `tf.distribute.InputContext`.
 """
@@ -29,12 +29,13 @@ import os
 import tensorflow as tf
 import transformers
 
+import context_draw
+import gpt2_weights
 import modeling_tf_gpt2_model_par
 import neighbour_cache
-import retrievers
+import settings
 import utils
 
-APPROACHES = ("naked_lm", "cached_pretok", "random_context")
 CONTEXT_HELPER_MODES = ("each", "once")
 QUESTION_HELPER = "Question:"
 CONTEXT_HELPER = " Context:"
@@ -60,6 +61,21 @@ def load_tokenizer(key_or_dir):
         f"({reason[:200]})") from None
 
 
+def text_token_ids(tokenizer, texts):
+  """GPT-2 ids of " " + each text (no special tokens, no length limit).
+
+  The leading space makes the ids those the text has inside the laid-out
+  sequence `Question: {q} Context: {c} Answer: {a}`: GPT-2's pre-tokenizer
+  attaches a space to the word after it, so `Question:` + ids(" " + q)
+  tokenizes exactly like the joined text. The cacher stores questions,
+  answers and blocks this way; the length notebooks count them this way.
+  """
+  if not texts:
+    return []
+  return [encoding.ids for encoding in tokenizer.backend_tokenizer.encode_batch(
+      [" " + text for text in texts], add_special_tokens=False)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How one example becomes a fixed-length sequence (see the module doc)."""
@@ -79,43 +95,72 @@ class Layout:
     return self.max_answer_tokens + 1
 
   @property
+  def prompt_length(self):
+    """The longest prompt: the sequence minus the answer reserve and its EOS."""
+    return self.sequence_length - self.max_answer_tokens - 1
+
+  @property
   def fixed_tokens(self):
     """Tokens of the longest question, the answer reserve and their helpers."""
     return (len(self.question_helper) + self.max_question_tokens +
             len(self.answer_helper) + self.max_answer_tokens + 1)
 
 
-def make_layout(tokenizer, *, sequence_length, max_question_tokens,
-                max_answer_tokens, max_context_tokens, use_helper_words=True,
-                context_helper_mode="each"):
-  """A checked `Layout`; the budget must leave room for the fixed parts."""
-  if context_helper_mode not in CONTEXT_HELPER_MODES:
+@dataclasses.dataclass(frozen=True)
+class LayoutConfig:
+  """The layout's settings, as a run records them; `make_layout` checks them."""
+  sequence_length: int = settings.setting(
+      0, "Tokens per example; 0: the model's n_positions.")
+  max_question_tokens: int = settings.setting(
+      64, "The question is cut to this many tokens.")
+  max_answer_tokens: int = settings.setting(
+      350, "Tokens reserved for the answer (cut to this), before the EOS that "
+      "ends a whole answer (a cut one gets none).")
+  max_context_tokens: int = settings.setting(
+      288, "Each context is cut to this many tokens.")
+  use_helper_words: bool = settings.setting(
+      True, "Lay out 'Question:', 'Context:', 'Answer:'.")
+  context_helper_mode: str = settings.setting(
+      "each", "One 'Context:' before each context, or once before all of "
+      "them.", choices=CONTEXT_HELPER_MODES)
+
+
+def make_layout(tokenizer, config, n_positions):
+  """The checked `Layout` of a `LayoutConfig` for a model of `n_positions`;
+  the budget must leave room for the fixed parts."""
+  if config.context_helper_mode not in CONTEXT_HELPER_MODES:
     raise utils.UserError(
-        f"--context_helper_mode={context_helper_mode!r}: expected one of "
-        f"{', '.join(CONTEXT_HELPER_MODES)}")
-  for name, value in (("max_question_tokens", max_question_tokens),
-                      ("max_answer_tokens", max_answer_tokens),
-                      ("max_context_tokens", max_context_tokens)):
-    if value < 1:
-      raise utils.UserError(f"--{name}={value}: must be >= 1")
+        f"--context_helper_mode={config.context_helper_mode!r}: expected one "
+        f"of {', '.join(CONTEXT_HELPER_MODES)}")
+  for name in ("sequence_length", "max_question_tokens", "max_answer_tokens",
+               "max_context_tokens"):
+    value = getattr(config, name)
+    minimum = 0 if name == "sequence_length" else 1
+    if not (isinstance(value, int) and value >= minimum):
+      raise utils.UserError(f"--{name}={value}: must be >= {minimum}")
+  sequence_length = config.sequence_length or n_positions
+  if sequence_length > n_positions:
+    raise utils.UserError(
+        f"--sequence_length={sequence_length} exceeds the model's "
+        f"n_positions={n_positions}")
 
   def ids(text):
-    return tuple(tokenizer.encode(text)) if use_helper_words else ()
+    return tuple(tokenizer.encode(text)) if config.use_helper_words else ()
 
   layout = Layout(
       sequence_length=sequence_length,
-      max_question_tokens=max_question_tokens,
-      max_answer_tokens=max_answer_tokens,
-      max_context_tokens=max_context_tokens,
+      max_question_tokens=config.max_question_tokens,
+      max_answer_tokens=config.max_answer_tokens,
+      max_context_tokens=config.max_context_tokens,
       eos_id=tokenizer.eos_token_id,
       question_helper=ids(QUESTION_HELPER),
       context_helper=ids(CONTEXT_HELPER),
       answer_helper=ids(ANSWER_HELPER),
-      context_helper_mode=context_helper_mode)
+      context_helper_mode=config.context_helper_mode)
   if layout.fixed_tokens > sequence_length:
     raise utils.UserError(
-        f"budget: --max_question_tokens={max_question_tokens} + "
-        f"--max_answer_tokens={max_answer_tokens} + EOS + helper words "
+        f"budget: --max_question_tokens={config.max_question_tokens} + "
+        f"--max_answer_tokens={config.max_answer_tokens} + EOS + helper words "
         f"({layout.fixed_tokens} tokens) exceed the sequence length "
         f"{sequence_length}")
   return layout
@@ -217,8 +262,9 @@ def lay_out_example(question_ids, contexts, answer_ids, layout):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """What the pipeline feeds the model, beyond the layout."""
-  approach: str
+  """What the pipeline feeds the model, beyond the layout (`approach`: a
+  `context_draw.Approach` or its value)."""
+  approach: context_draw.Approach
   num_retrievals: int = 0
   # 0 keeps the top `num_retrievals` by score.
   retrieval_temperature: float = 1.0
@@ -231,11 +277,11 @@ class DataConfig:
 
 def check_data_config(config, manifest, cache_dir):
   """A UserError for a config the cache cannot serve."""
-  if config.approach not in APPROACHES:
+  if config.approach not in context_draw.APPROACHES:
     raise utils.UserError(
         f"--approach_type={config.approach!r}: expected one of "
-        f"{', '.join(APPROACHES)}")
-  if config.approach == "naked_lm":
+        f"{', '.join(context_draw.APPROACHES)}")
+  if config.approach == context_draw.Approach.NAKED_LM:
     return
   if config.num_retrievals < 1:
     raise utils.UserError(
@@ -257,10 +303,8 @@ def check_data_config(config, manifest, cache_dir):
 
 def select_contexts(neighbours, neighbour_scores, seed, config):
   """Ragged [k, None] ids of the `num_retrievals` contexts drawn for one example."""
-  indices = retrievers.sample_neighbours(
-      neighbour_scores, config.num_retrievals, config.retrieval_temperature,
-      seed, bank_size=config.retrieval_bank_size or None)
-  return tf.gather(neighbours, indices)
+  return tf.gather(neighbours, context_draw.draw(neighbour_scores, config,
+                                                 seed))
 
 
 def no_contexts():
@@ -353,18 +397,16 @@ def make_example_fn(config, layout):
   # has nothing to convert, and reading sources mid-edit cannot break it.
   @tf.autograph.experimental.do_not_convert
   def example_fn(epoch, answer_index, example):
-    seed = tf.random.experimental.stateless_fold_in(
-        retrievers.example_seed(config.seed, epoch, example["id"]),
-        answer_index)
-    if config.approach == "naked_lm":
+    seed = context_draw.example_seed(config.seed, epoch, example["id"],
+                                     answer_index)
+    if config.approach == context_draw.Approach.NAKED_LM:
       contexts = no_contexts()
     else:
       contexts = select_contexts(example["neighbours"],
                                  example["neighbour_scores"], seed, config)
     features = lay_out_example(example["question_ids"], contexts,
                                example["answers"][answer_index], layout)
-    features["dropout_seed"] = tf.random.experimental.stateless_fold_in(
-        seed, 1)
+    features["dropout_seed"] = context_draw.dropout_seed(seed)
     return features
 
   return example_fn
@@ -413,7 +455,7 @@ def make_dataset(files, config, layout, *, batch_size, training,
   examples = records.map(
       lambda epoch, record: (epoch, neighbour_cache.parse_example(record)),
       num_parallel_calls=tf.data.AUTOTUNE)
-  if config.approach == "random_context":
+  if config.approach == context_draw.Approach.RANDOM_CONTEXT:
     examples = _with_random_partners(examples, training=training)
   examples = _answer_examples(examples, config.every_answer)
   features = examples.map(make_example_fn(config, layout),
@@ -452,9 +494,6 @@ def format_sample(tokenizer, features):
 # Model and loss
 # ---------------------------------------------------------------------------
 
-_CONFIG_NAME = "config.json"
-_WEIGHT_NAMES = ("model.safetensors", "tf_model.h5", "pytorch_model.bin")
-
 
 def load_model(model_key, *, devices=None, dtype=None, seed=0,
                recompute=False):
@@ -463,12 +502,9 @@ def load_model(model_key, *, devices=None, dtype=None, seed=0,
   A directory holding a `config.json` and no weights means a freshly
   initialised model of that config (deterministic in `seed`).
   """
-  config_path = os.path.join(model_key, _CONFIG_NAME)
-  if tf.io.gfile.isdir(model_key) and tf.io.gfile.exists(config_path) and (
-      not any(tf.io.gfile.exists(os.path.join(model_key, name))
-              for name in _WEIGHT_NAMES)):
-    config = transformers.GPT2Config.from_dict(
-        utils.read_json(config_path, "GPT-2 config"))
+  if gpt2_weights.holds_config_only(model_key):
+    config = gpt2_weights.read_config(
+        os.path.join(model_key, gpt2_weights.CONFIG_NAME))
     return modeling_tf_gpt2_model_par.GPT2LMHeadModel.from_config(
         config, devices=devices, dtype=dtype, seed=seed, recompute=recompute)
   return modeling_tf_gpt2_model_par.GPT2LMHeadModel.from_pretrained(

@@ -1,47 +1,54 @@
 """Devices and strategies, optimizers and schedules, the train step, checkpoints, TFRecords.
 
 Knows about tf.distribute and Keras optimizers; knows nothing about ELI5.
-Every entry script builds its strategy the same way: `strategy_from_flags()`
-reads the shared flags `--distribute_mode`, `--devices`, `--tpu`,
-`--num_cpu_devices` and `--cluster_timeout_seconds` defined here.
+Every job builds its strategy the same way: `strategy_from_config` of a
+`StrategyConfig` (the flags `--distribute_mode`, `--devices`, `--tpu`,
+`--num_cpu_devices` and `--cluster_timeout_seconds` of every entry script).
 """
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
 import subprocess
 import sys
+import typing
 
-from absl import flags
 from absl import logging
 import tensorflow as tf
 import tf_keras
 
+import settings
 import utils
 
 DISTRIBUTE_MODES = ("OneDeviceStrategy", "MirroredStrategy",
                     "MultiWorkerMirroredStrategy", "TPUStrategy")
 
-_FLAG_DISTRIBUTE_MODE = flags.DEFINE_string(
-    "distribute_mode", "OneDeviceStrategy",
-    f"tf.distribute strategy: one of {', '.join(DISTRIBUTE_MODES)}.")
-_FLAG_DEVICES = flags.DEFINE_list(
-    "devices", None,
-    "Devices to use, e.g. /gpu:0,/gpu:1 (OneDeviceStrategy: the first; "
-    "MirroredStrategy: all). Default: all local GPUs, else the CPU(s).")
-_FLAG_TPU = flags.DEFINE_string(
-    "tpu", None,
-    "TPUStrategy: the TPU's name or grpc:// address, or 'local' on a TPU VM.")
-_FLAG_NUM_CPU_DEVICES = flags.DEFINE_integer(
-    "num_cpu_devices", 1,
-    "Split the host CPU into this many logical devices (several replicas, or "
-    "a model split over devices, on a machine without accelerators).")
-_FLAG_CLUSTER_TIMEOUT_SECONDS = flags.DEFINE_float(
-    "cluster_timeout_seconds", 300.0,
-    "MultiWorkerMirroredStrategy: stop, with a one-line error naming the "
-    "workers that do not answer, when the workers of TF_CONFIG have not all "
-    "joined within this many seconds.")
+
+@dataclasses.dataclass(frozen=True)
+class StrategyConfig:
+  """Which tf.distribute strategy a job runs under (every entry script's)."""
+  distribute_mode: str = settings.setting(
+      "OneDeviceStrategy",
+      f"tf.distribute strategy: one of {', '.join(DISTRIBUTE_MODES)}.")
+  devices: typing.Optional[list] = settings.setting(
+      None,
+      "Devices to use, e.g. /gpu:0,/gpu:1 (OneDeviceStrategy: the first; "
+      "MirroredStrategy: all). Default: all local GPUs, else the CPU(s).")
+  tpu: typing.Optional[str] = settings.setting(
+      None,
+      "TPUStrategy: the TPU's name or grpc:// address, or 'local' on a TPU "
+      "VM.")
+  num_cpu_devices: int = settings.setting(
+      1,
+      "Split the host CPU into this many logical devices (several replicas, "
+      "or a model split over devices, on a machine without accelerators).")
+  cluster_timeout_seconds: float = settings.setting(
+      300.0,
+      "MultiWorkerMirroredStrategy: stop, with a one-line error naming the "
+      "workers that do not answer, when the workers of TF_CONFIG have not "
+      "all joined within this many seconds.")
 
 
 # ---------------------------------------------------------------------------
@@ -107,7 +114,10 @@ def _tpu_strategy(tpu):
 def _tf_config_cluster():
   """TF_CONFIG's resolver; a UserError when TF_CONFIG is not valid JSON."""
   try:
-    return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    # TF_CONFIG is parsed here, not when the resolver is made.
+    resolver.cluster_spec()
+    return resolver
   except ValueError as error:
     raise utils.UserError(
         f"TF_CONFIG: {' '.join(str(error).split())[:200]}, expected JSON "
@@ -213,22 +223,17 @@ def make_strategy(distribute_mode, *, devices=None, tpu=None,
   return tf.distribute.MirroredStrategy(devices)
 
 
-def strategy_from_flags():
-  """The strategy the shared flags ask for (call at the start of `main`)."""
-  if _FLAG_NUM_CPU_DEVICES.value < 1:
+def strategy_from_config(config):
+  """The strategy a `StrategyConfig` asks for (call before any other op:
+  splitting the host CPU must come first)."""
+  if config.num_cpu_devices < 1:
     raise utils.UserError(
-        f"--num_cpu_devices={_FLAG_NUM_CPU_DEVICES.value}: must be >= 1")
-  if _FLAG_NUM_CPU_DEVICES.value > 1:
-    split_host_cpu(_FLAG_NUM_CPU_DEVICES.value)
+        f"--num_cpu_devices={config.num_cpu_devices}: must be >= 1")
+  if config.num_cpu_devices > 1:
+    split_host_cpu(config.num_cpu_devices)
   return make_strategy(
-      _FLAG_DISTRIBUTE_MODE.value, devices=_FLAG_DEVICES.value,
-      tpu=_FLAG_TPU.value,
-      cluster_timeout_seconds=_FLAG_CLUSTER_TIMEOUT_SECONDS.value)
-
-
-def task_name_from_flags():
-  """`task_name` of the strategy the shared flags ask for."""
-  return task_name(_FLAG_DISTRIBUTE_MODE.value)
+      config.distribute_mode, devices=config.devices, tpu=config.tpu,
+      cluster_timeout_seconds=config.cluster_timeout_seconds)
 
 
 # ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import transformers
 
 # Run as a script from the repository root or anywhere: the modules live one up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import decoding  # pylint: disable=g-import-not-at-top,wrong-import-position
 import modeling_tf_gpt2_model_par as gpt2  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -171,9 +172,11 @@ def main(argv):
         f"{prompt_ids.shape[1]} tokens, {new_tokens} new tokens, "
         f"{_FLAG_DECODE_RUNS.value} timed runs")
   peer_generate = tf.function(peer.generate, jit_compile=True)
+  decode_settings = decoding.DecodeSettings(max_new_tokens=new_tokens)
   decoders = {
-      "ours": lambda: ours.generate(prompt_ids, attention_mask=prompt_mask,
-                                    max_new_tokens=new_tokens, pad_token_id=0),
+      "ours": lambda: decoding.generate(
+          ours, prompt_ids, decode_settings, attention_mask=prompt_mask,
+          pad_token_id=0),
       "transformers": lambda: peer_generate(
           prompt_ids, attention_mask=prompt_mask, max_new_tokens=new_tokens,
           do_sample=False, pad_token_id=0, eos_token_id=None),

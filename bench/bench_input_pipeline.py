@@ -20,8 +20,11 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import context_draw  # pylint: disable=g-import-not-at-top,wrong-import-position
 import neighbour_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+import settings  # pylint: disable=g-import-not-at-top,wrong-import-position
 import task_specific  # pylint: disable=g-import-not-at-top,wrong-import-position
+import training  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tf_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -40,39 +43,33 @@ _FLAG_OUTPUT_PATH = flags.DEFINE_string(
 _WARMUP_BATCHES = 3
 
 
-def _setting(config, name, default):
-  return config.get(name, default)
-
-
 def main(argv):
   del argv
-  config = utils.read_json(_FLAG_TRAIN_CONFIG.value, "train config")
+  # The train config's settings, the rest training's defaults; `task` is
+  # main.py's own flag, not a setting.
+  values = utils.read_json(_FLAG_TRAIN_CONFIG.value, "train config")
+  config = settings.from_flat(
+      training.TrainConfig,
+      {name: value for name, value in values.items()
+       if name != "task" and value is not None}, _FLAG_TRAIN_CONFIG.value)
   manifest = neighbour_cache.read_manifest(_FLAG_CACHE_DIR.value)
   tokenizer = task_specific.load_tokenizer(
-      _setting(config, "tokenizer", manifest["tokenizer"]))
+      config.tokenizer or manifest["tokenizer"])
   strategy = tf_utils.make_strategy("OneDeviceStrategy")
   with strategy.scope():
     model = task_specific.load_model(_FLAG_MODEL_KEY.value)
-    optimizer = tf_utils.make_optimizer(
-        _setting(config, "optimizer_type", "adam"),
-        _setting(config, "learning_rate", 1e-4))
-  layout = task_specific.make_layout(
-      tokenizer,
-      sequence_length=_setting(config, "sequence_length", 0) or (
-          model.config.n_positions),
-      max_question_tokens=_setting(config, "max_question_tokens", 64),
-      max_answer_tokens=_setting(config, "max_answer_tokens", 350),
-      max_context_tokens=_setting(config, "max_context_tokens", 288),
-      use_helper_words=_setting(config, "use_helper_words", True),
-      context_helper_mode=_setting(config, "context_helper_mode", "each"))
+    optimizer = tf_utils.make_optimizer(config.optimizer_type,
+                                        config.learning_rate)
+  layout = task_specific.make_layout(tokenizer, config.layout,
+                                     model.config.n_positions)
   data_config = task_specific.DataConfig(
-      approach=_setting(config, "approach_type", "cached_pretok"),
-      num_retrievals=_setting(config, "num_retrievals", 5),
-      retrieval_temperature=_setting(config, "retrieval_temperature", 1.0),
-      retrieval_bank_size=_setting(config, "retrieval_bank_size", 0),
-      every_answer=_setting(config, "every_answer", False))
+      approach=context_draw.Approach(config.approach_type),
+      num_retrievals=config.num_retrievals,
+      retrieval_temperature=config.retrieval_temperature,
+      retrieval_bank_size=config.retrieval_bank_size,
+      every_answer=config.every_answer)
   task_specific.check_data_config(data_config, manifest, _FLAG_CACHE_DIR.value)
-  batch_size = _setting(config, "batch_size", 8)
+  batch_size = config.batch_size
   num_batches = _FLAG_NUM_BATCHES.value
   dataset = task_specific.make_dataset(
       neighbour_cache.split_files(_FLAG_CACHE_DIR.value, manifest, "train"),
@@ -88,7 +85,7 @@ def main(argv):
       strategy, lambda batch: task_specific.answer_loss_sum(
           model, batch, layout.max_labels, training=True),
       model.trainable_variables, optimizer,
-      batch_split=_setting(config, "batch_split", 1))
+      batch_split=config.batch_split)
   for batch in batches[:_WARMUP_BATCHES]:
     float(train_step(batch)["loss"])
   started = time.perf_counter()

@@ -6,15 +6,15 @@ how long the retrieved blocks are, alone and stacked best first. The notebooks
 only set parameters, call these functions and show the results, so the same
 numbers come out of a script or a test.
 
-Room for contexts follows `task_specific.py`'s layout (`Question: q Context:
-c1 … Context: ck Answer: a` + EOS): the answer reserve (`max_answer_tokens` + 1
-for the EOS) is kept whatever the answer's length, the question is cut to
-`max_question_tokens`, and what is left after the helper words holds the
-contexts, each after its own ` Context:`. k blocks of `block_length` tokens
-fit when `room >= k * (block_length + len(context helper))`.
+Texts are counted as the layout holds them (`task_specific.text_token_ids`:
+after a space, as they follow `Question:`, `Context:` or `Answer:`), and the
+room for contexts is the budget of `task_specific.Layout` (its module doc):
+what the sequence leaves after the fixed parts (`Layout.fixed_tokens`) and
+the question actually laid out. k blocks of `block_length` tokens fit when
+`room >= k * (block_length + len(context helper))`.
 """
 
-import json
+import itertools
 import os
 import sys
 
@@ -27,6 +27,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import kilt_files  # pylint: disable=g-import-not-at-top
 import neighbour_cache  # pylint: disable=g-import-not-at-top
 import task_specific  # pylint: disable=g-import-not-at-top
 import utils  # pylint: disable=g-import-not-at-top
@@ -39,58 +40,39 @@ def read_kilt_examples(path, limit=None):
 
   Answers are the non-empty `output[*].answer` strings (none on the test split).
   """
-  if not tf.io.gfile.exists(path):
-    raise utils.UserError(f"KILT file {path} does not exist")
-  examples = []
-  with tf.io.gfile.GFile(path, "r") as f:
-    for line_number, line in enumerate(f, start=1):
-      if limit is not None and len(examples) >= limit:
-        break
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as error:
-        raise utils.UserError(
-            f"{path}: line {line_number}: malformed JSON ({error.msg})") from None
-      answers = [item["answer"] for item in record.get("output", [])
-                 if isinstance(item, dict) and item.get("answer")]
-      examples.append((record["input"], answers))
-  return examples
+  questions = kilt_files.eli5_questions(path)
+  return [(question, [answer for answer in answers if answer])
+          for _, question, answers in itertools.islice(questions, limit)]
 
 
 def token_lengths(texts, tokenizer):
-  """GPT-2 token counts of `texts`, as an int64 array."""
-  if not texts:
-    return np.zeros([0], np.int64)
-  ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-  return np.array([len(row) for row in ids], np.int64)
+  """GPT-2 token counts of `texts` as the layout holds them, an int64 array."""
+  return np.array([len(ids) for ids in task_specific.text_token_ids(
+      tokenizer, list(texts))], np.int64)
 
 
 def question_answer_lengths(examples, tokenizer):
   """Token lengths of every (question, answer) pair: one row per answer.
 
-  Texts are tokenised after a space, as they follow `Question:` / `Answer:`
-  in the layout. Returns (question_lengths, answer_lengths), two int64 arrays
-  of equal size.
+  Returns (question_lengths, answer_lengths), two int64 arrays of equal size.
   """
-  questions = [" " + question for question, answers in examples
-               for _ in answers]
-  answers = [" " + answer for _, answers in examples for answer in answers]
+  questions = [question for question, answers in examples for _ in answers]
+  answers = [answer for _, answers in examples for answer in answers]
   return token_lengths(questions, tokenizer), token_lengths(answers, tokenizer)
 
 
 def make_layout(tokenizer, *, n_positions, max_question_tokens,
                 answer_reserve, max_block_tokens):
   """The training layout (helper words on, one ` Context:` per context)."""
-  return task_specific.make_layout(
-      tokenizer, sequence_length=n_positions,
+  config = task_specific.LayoutConfig(
       max_question_tokens=max_question_tokens,
       max_answer_tokens=answer_reserve, max_context_tokens=max_block_tokens)
+  return task_specific.make_layout(tokenizer, config, n_positions)
 
 
 def room_for_contexts(question_lengths, layout):
-  """Tokens the layout leaves for contexts and their helpers, per example."""
+  """Tokens the layout leaves for contexts and their helpers, per example
+  (the budget `task_specific.prompt_and_kept` gives `fit_contexts`)."""
   question_tokens = np.minimum(np.asarray(question_lengths),
                                layout.max_question_tokens)
   return (layout.sequence_length - layout.fixed_tokens +
@@ -154,7 +136,8 @@ def cached_neighbour_lengths(cache_dir, split, limit=None):
 
 
 def blocks_file_lengths(blocks_path, tokenizer, limit):
-  """GPT-2 lengths of the first `limit` blocks of a REALM blocks.tfr."""
+  """GPT-2 lengths of the first `limit` blocks of a REALM blocks.tfr, each
+  counted as it follows ` Context:` (as the cache holds it)."""
   if not tf.io.gfile.exists(blocks_path):
     raise utils.UserError(f"blocks file {blocks_path} does not exist")
   texts = [record.decode("utf-8") for record in

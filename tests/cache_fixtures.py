@@ -3,17 +3,22 @@
 Used by the training tests before (and independently of) the demo world: a
 byte-level BPE tokenizer trained on the fixture text and saved as a
 `GPT2TokenizerFast`, and a cache directory (shards + manifest) written with
-`neighbour_cache.encode_example`.
+`neighbour_cache.encode_example`; and the settings of a tiny training run of
+such a world, as a `training.TrainConfig` or as main.py's flags.
 """
 
+import json
 import os
 
 import numpy as np
+import safetensors.numpy
 import tokenizers
 import transformers
 
 import neighbour_cache
+import settings
 import tf_utils
+import training
 import utils
 
 EOS = "<|endoftext|>"
@@ -22,6 +27,17 @@ _WORDS = ("why does the sky look blue when sun light passes through air "
           "water boils at lower heat on a high mountain because pressure is "
           "less ice floats since it is lighter than liquid birds fly south in "
           "winter to find food plants need light to grow green leaves").split()
+
+
+# The cheapest run of a training world that still learns: a batch of 4,
+# 2 contexts and a short layout, two steps, no periodic evaluation, no
+# samples, every step logged.
+TINY_RUN = {
+    "batch_size": 4, "num_retrievals": 2, "max_question_tokens": 8,
+    "max_answer_tokens": 8, "max_context_tokens": 12, "learning_rate": 1e-3,
+    "max_steps": 2, "batches_between_evals": 0, "log_samples": 0,
+    "log_every_steps": 1, "shuffle_buffer_size": 16,
+}
 
 
 def fixture_text(num_lines=200, seed=0):
@@ -147,3 +163,42 @@ def write_training_world(root, *, num_train=48, num_validation=12,
               tokenizer_fingerprint=neighbour_cache.tokenizer_fingerprint(
                   tokenizer))
   return paths
+
+
+def training_values(world, output_dir, run_name, **overrides):
+  """{flag name: value} of a TINY_RUN of `world` (write_training_world) in
+  OUTPUT_DIR/RUN_NAME; `overrides` by flag name."""
+  return {"model_key": world["model"], "tokenizer": world["tokenizer"],
+          "cache_dir": world["cache"], "output_dir": str(output_dir),
+          "run_name": run_name, **TINY_RUN, **overrides}
+
+
+def training_config(world, output_dir, run_name, **overrides):
+  """The `training.TrainConfig` of `training_values`."""
+  return settings.from_flat(
+      training.TrainConfig,
+      training_values(world, output_dir, run_name, **overrides), "test")
+
+
+def training_flags(world, output_dir, run_name, **overrides):
+  """main.py's command-line flags for the same run as `training_config`."""
+  flags = []
+  for name, value in training_values(world, output_dir, run_name,
+                                     **overrides).items():
+    if isinstance(value, (list, tuple)):
+      value = ",".join(value)
+    flags.append(f"--{name}={value}")
+  return flags
+
+
+def final_weights(run_dir):
+  """{name: array} of a finished run's final_model/model.safetensors."""
+  with open(os.path.join(run_dir, "final_model", "model.safetensors"),
+            "rb") as f:
+    return safetensors.numpy.load(f.read())
+
+
+def read_metrics(run_dir):
+  """The records of a run's metrics.jsonl."""
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]

@@ -58,6 +58,7 @@ def test_cli_malformed_json_names_line_and_column(tmp_path):
   assert str(path) in line and "line 4, column 1" in line
 
 
+@pytest.mark.slow
 def test_cli_unknown_key_names_key_and_script(tmp_path):
   script = tmp_path / "entry.py"
   script.write_text(
@@ -81,6 +82,7 @@ def _configs_by_directory():
   return found
 
 
+@pytest.mark.slow
 def test_every_flag_config_matches_its_script():
   checked = 0
   for directory, paths in _configs_by_directory().items():
@@ -136,13 +138,63 @@ def test_check_flags_catches_a_planted_bad_use(tmp_path):
   assert f"{bad}:11: _FLAG_STEPS used without .value" in result.stdout
 
 
+def test_check_flags_keeps_flags_out_of_library_modules(tmp_path):
+  """Issue 12: flags are read only in entry scripts and cli.py; a library
+  module takes typed configs."""
+  library = (
+      "import absl.flags\n"
+      "from absl import app, flags\n"
+      "import cli\n"
+      "from cli import define_flags\n"
+      "def f():\n"
+      "  from absl.flags import FLAGS\n"
+      "  return _FLAG_STEPS.value\n")
+  assert check_flags.library_offences_in_source(library, "lib.py") == [
+      ("lib.py", line, message) for line, message in (
+          (1, "library module imports absl.flags: flags are read only in "
+              "entry scripts and cli.py"),
+          (2, "library module imports absl.flags: flags are read only in "
+              "entry scripts and cli.py"),
+          (3, "library module imports cli: flags are read only in entry "
+              "scripts and cli.py"),
+          (4, "library module imports cli: flags are read only in entry "
+              "scripts and cli.py"),
+          (6, "library module imports absl.flags: flags are read only in "
+              "entry scripts and cli.py"),
+          (7, "library module reads _FLAG_STEPS.value: flags are read only "
+              "in entry scripts and cli.py"))]
+  entry = ("from absl import flags\nimport cli\n"
+           "_FLAG_STEPS = flags.DEFINE_integer('steps', 1, 'Steps.')\n"
+           "def main(argv):\n  return _FLAG_STEPS.value\n"
+           "if __name__ == \"__main__\":\n  main([])\n")
+  assert check_flags.library_offences_in_source(entry, "entry.py") == []
+  # A library that merely names things `value` or `flags` is fine.
+  assert check_flags.library_offences_in_source(
+      "import tensorflow as tf\nflags = tf.Variable(1).value\n") == []
+  for name, source in (("library.py", library), ("entry.py", entry),
+                       ("cli.py", library), ("tests/test_x.py", library),
+                       ("pkg/tests/conftest.py", library),
+                       ("pkg/helpers.py", "from absl import flags\n")):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(source)
+  result = _run(["check_flags.py", str(tmp_path)])
+  assert result.returncode == 1
+  reported = sorted({line.split(":")[0] for line in result.stdout.splitlines()
+                     if line.startswith(str(tmp_path))})
+  assert reported == [str(tmp_path / "library.py"),
+                      str(tmp_path / "pkg" / "helpers.py")], result.stdout
+
+
 def test_check_flags_passes_on_the_repository():
   result = _run(["check_flags.py", "."])
   assert result.returncode == 0, result.stdout
 
 
-_STRATEGY_ENTRY = ("import utils, tf_utils; "
-                   "utils.run(lambda argv: print(tf_utils.strategy_from_flags()))")
+_STRATEGY_ENTRY = (
+    "import cli, tf_utils, utils\n"
+    "strategy_flags = cli.define_flags(tf_utils.StrategyConfig)\n"
+    "utils.run(lambda argv: print(tf_utils.strategy_from_config(\n"
+    "    strategy_flags.config())))\n")
 
 
 @pytest.mark.parametrize("flag,expected", [

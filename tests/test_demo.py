@@ -22,11 +22,15 @@ TINY = ["--num_train=40", "--num_validation=8", "--num_test=4",
         "--num_neighbours=4", f"--max_steps={MAX_STEPS}", "--warmup_steps=1"]
 
 
-def _run(output_dir):
-  result = subprocess.run(
-      [sys.executable, SCRIPT, f"--output_dir={output_dir}", *TINY],
+def _run_script(output_dir, *args):
+  return subprocess.run(
+      [sys.executable, SCRIPT, f"--output_dir={output_dir}", *args],
       capture_output=True, text=True, timeout=900,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+def _run(output_dir):
+  result = _run_script(output_dir, *TINY)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -72,7 +76,8 @@ def test_every_stage_writes_its_outputs(demo):
     with open(os.path.join(output_dir, plot), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # Progress is visible, and the table is printed as well as written.
-  assert "[demo 11/11] generate naked: running generation.py" in stdout
+  assert ("[demo 11/11] generate naked: running generation_lib.generate"
+          in stdout)
   with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
     assert _table_rows(f.read()) == _table_rows(stdout)
 
@@ -149,3 +154,11 @@ def test_rerun_reuses_every_stage(demo):
   assert "running" not in stdout
   with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
     assert f.read() == report
+
+
+def test_a_failing_stage_is_one_line_naming_it(tmp_path):
+  result = _run_script(tmp_path, "--num_train=0")
+  assert result.returncode == utils.USER_ERROR_EXIT_CODE
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: stage 'world' failed: --num_train=0: expected at least 1; "
+      "rerun to resume")

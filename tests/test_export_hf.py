@@ -1,10 +1,10 @@
 """util_scripts/export_hf.py: a hub-style export that transformers' PyTorch and TF GPT-2 load with our logits.
 
 The run is the cheapest real one: cache_fixtures' tiny training world, trained
-for two steps and evaluated by main.py (through tests/main_driver.py). The
-export runs as users run it, in a subprocess (its flags would clash with other
-entry scripts' in the test process); the export is then loaded in this
-process by transformers' PyTorch and TF GPT-2 and GPT2TokenizerFast.
+for two steps and evaluated in-process (`training.train`, `training.evaluate`).
+The export runs as users run it, in a subprocess (importing an entry script
+would define its flags in the test process); the export is then loaded in
+this process by transformers' PyTorch and TF GPT-2 and GPT2TokenizerFast.
 """
 
 import itertools
@@ -22,9 +22,15 @@ import torch
 import transformers
 
 import cache_fixtures
-import generation_lib
+import run_dir as run_dir_lib
+import settings
 import task_specific
+import training
 import utils
+
+# Slow, the whole module (a trained run, exports in subprocesses):
+# not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_STEPS = 2
@@ -76,22 +82,16 @@ def fixture_run_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("export_run")
   world = cache_fixtures.write_training_world(
       root / "world", num_train=NUM_TRAIN, num_validation=NUM_VALIDATION)
-  argv = [f"--model_key={world['model']}", f"--tokenizer={world['tokenizer']}",
-          f"--cache_dir={world['cache']}", f"--output_dir={root / 'runs'}",
-          "--run_name=run", "--batch_size=4", "--num_retrievals=2",
-          "--max_question_tokens=8", "--max_answer_tokens=8",
-          "--max_context_tokens=12", "--learning_rate=1e-3",
-          f"--max_steps={TRAIN_STEPS}", "--batches_between_evals=0",
-          "--log_samples=0", "--shuffle_buffer_size=16"]
-  cases, results = root / "cases.json", root / "results.json"
-  cases.write_text(json.dumps([["--task=train"] + argv,
-                               ["--task=evaluate"] + argv]))
-  result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tests", "main_driver.py"),
-       str(cases), str(results)], env=_environment(), capture_output=True,
-      text=True, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert json.loads(results.read_text()) == [{"ok": True}] * 2
+  config = settings.from_flat(training.TrainConfig, {
+      "model_key": world["model"], "tokenizer": world["tokenizer"],
+      "cache_dir": world["cache"], "output_dir": str(root / "runs"),
+      "run_name": "run", "batch_size": 4, "num_retrievals": 2,
+      "max_question_tokens": 8, "max_answer_tokens": 8,
+      "max_context_tokens": 12, "learning_rate": 1e-3,
+      "max_steps": TRAIN_STEPS, "batches_between_evals": 0, "log_samples": 0,
+      "shuffle_buffer_size": 16}, "test")
+  training.train(config)
+  training.evaluate(config)
   return str(root / "runs" / "run")
 
 
@@ -108,13 +108,12 @@ def fixture_export_dir(run_dir, tmp_path_factory):
 def test_pytorch_and_tf_load_the_export_with_our_logits(run_dir, export_dir):
   """Acceptance 7."""
   tokenizer = transformers.GPT2TokenizerFast.from_pretrained(export_dir)
-  run_config = generation_lib.read_run_config(run_dir)
+  run_config = run_dir_lib.read_config(run_dir)
   run_tokenizer = task_specific.load_tokenizer(
-      generation_lib.run_tokenizer_key(run_config))
+      run_dir_lib.tokenizer_dir(run_dir, run_config))
   text = "why does the sky look blue"
   assert tokenizer(text)["input_ids"] == run_tokenizer(text)["input_ids"]
-  ours_model, _, step = generation_lib.restore_run_model(
-      run_dir, run_config, run_tokenizer)
+  ours_model, _, step = run_dir_lib.load_model(run_dir, run_config)
   assert step == TRAIN_STEPS
   config = ours_model.config
   input_ids = np.random.default_rng(0).integers(
@@ -171,7 +170,7 @@ def test_files_are_what_transformers_writes(export_dir, tmp_path):
 def test_model_card_names_the_base_model_data_steps_and_ablation(
     run_dir, export_dir):
   card = open(os.path.join(export_dir, "README.md"), encoding="utf-8").read()
-  run_flags = generation_lib.read_run_config(run_dir)["flags"]
+  run_flags = run_dir_lib.read_config(run_dir)["flags"]
   assert f"| steps trained | {TRAIN_STEPS} |" in card
   assert f"| base model (`--model_key`) | `{run_flags['model_key']}` |" in card
   assert f"Neighbour cache `{run_flags['cache_dir']}`" in card
@@ -229,8 +228,7 @@ def test_reexport_and_remote_export_and_bad_inputs(run_dir, export_dir,
       remote_copy, output_loading_info=True)
   assert not info["missing_keys"] and model.num_parameters() > 0
 
-  one_line_error(processes["no_checkpoint"], f"--run_dir={no_checkpoint}",
-                 "no checkpoint")
+  one_line_error(processes["no_checkpoint"], f"{no_checkpoint}: no checkpoint")
   one_line_error(processes["file"], f"--output_dir={a_file}", "is a file")
   one_line_error(processes["not_an_export"], "not an earlier export")
   assert os.listdir(not_an_export) == ["notes.txt"]

@@ -1,10 +1,10 @@
-"""generation.py and util_scripts/export_hf.py on a tiny demo world and a briefly trained run.
+"""Generation (`generation_lib.generate`) and util_scripts/export_hf.py on a tiny demo world and a briefly trained run.
 
-The entry scripts run as subprocesses, the way users run them (their flags
-would clash with other entry scripts' in one test process); the library parts
-(`generation_lib`) are also tested in-process. The fixture is real: a demo
-world (make_demo_data.py), its neighbour cache (query_cacher_tfrecord.py) and
-a run trained for a few steps (main.py).
+In-process through the library; generation.py runs as a subprocess only for
+what the command line alone shows (exit 2 with one line, kill -9 and resume,
+the lock between jobs). The fixture is real: a demo world
+(make_demo_data.py), its neighbour cache (query_cacher_tfrecord.py) and a run
+trained for a few steps (`training.train`).
 """
 
 import json
@@ -20,10 +20,18 @@ import pytest
 import tensorflow as tf
 import transformers
 
+import caching
 import generation_lib
 import neighbour_cache
+import run_dir as run_dir_lib
+import settings
 import task_specific
+import training
 import utils
+
+# Slow, the whole module (a trained run and generation subprocesses):
+# not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_VALIDATION = 48
@@ -32,8 +40,6 @@ LAYOUT = {"sequence_length": 96, "max_question_tokens": 16,
           "max_answer_tokens": 8, "max_context_tokens": 24,
           "use_helper_words": True, "context_helper_mode": "each"}
 NUM_RETRIEVALS = 2
-LAYOUT_FLAGS = [f"--{name}={value}" for name, value in LAYOUT.items()
-                if name != "use_helper_words"]
 BATCH_SIZE = 4
 TRAIN_STEPS = 2
 
@@ -74,12 +80,11 @@ def fixture_world(tmp_path_factory):
   world = paths["world"]
   paths.update(tokenizer=os.path.join(world, "tokenizer"),
                gold=os.path.join(world, "kilt", "eli5-dev-kilt.jsonl"))
-  run_ok("query_cacher_tfrecord.py",
-         f"--retriever_config_path={world}/retriever_config.json",
-         f"--dataset_root={world}/kilt", f"--output_dir={paths['cache']}",
-         "--num_neighbours=3", "--search=exact",
-         f"--tokenizer={paths['tokenizer']}", "--max_block_tokens=32",
-         "--num_shards=2")
+  caching.cache(caching.CacheConfig(
+      retriever_config_path=os.path.join(world, "retriever_config.json"),
+      dataset_root=os.path.join(world, "kilt"), output_dir=paths["cache"],
+      num_neighbours=3, search="exact", tokenizer=paths["tokenizer"],
+      max_block_tokens=32, num_shards=2))
   # The demo's GPT-2 with large initial weights: its greedy answers vary
   # with the prompt and their argmax is far from a tie, so implementations
   # that agree to float32 round-off agree on every token.
@@ -88,14 +93,23 @@ def fixture_world(tmp_path_factory):
   config = json.load(open(os.path.join(world, "model_config", "config.json")))
   config["initializer_range"] = 0.3
   utils.atomic_write_json(os.path.join(model_dir, "config.json"), config)
-  run_ok("main.py", "--task=train", "--approach_type=cached_pretok",
-         f"--model_key={model_dir}", f"--tokenizer={paths['tokenizer']}",
-         f"--cache_dir={paths['cache']}", f"--output_dir={paths['runs']}",
-         "--run_name=run", f"--max_steps={TRAIN_STEPS}", "--batch_size=4",
-         f"--num_retrievals={NUM_RETRIEVALS}", "--batches_between_evals=0",
-         "--log_samples=0", *LAYOUT_FLAGS)
+  training.train(settings.from_flat(training.TrainConfig, {
+      "approach_type": "cached_pretok", "model_key": model_dir,
+      "tokenizer": paths["tokenizer"], "cache_dir": paths["cache"],
+      "output_dir": paths["runs"], "run_name": "run",
+      "max_steps": TRAIN_STEPS, "batch_size": 4,
+      "num_retrievals": NUM_RETRIEVALS, "batches_between_evals": 0,
+      "log_samples": 0, **LAYOUT}, "test"))
+  paths["model"] = model_dir
   paths["run"] = os.path.join(paths["runs"], "run")
   return paths
+
+
+def generate(**values):
+  """`generation_lib.generate` of GenerationConfig's flat settings."""
+  return generation_lib.generate(settings.from_flat(
+      generation_lib.GenerationConfig, {"batch_size": BATCH_SIZE, **values},
+      "test"))
 
 
 @pytest.fixture(name="greedy", scope="module")
@@ -106,6 +120,21 @@ def fixture_greedy(world, tmp_path_factory):
                   f"--output_path={output}", f"--batch_size={BATCH_SIZE}",
                   "--evaluate", f"--gold_path={world['gold']}")
   return {"path": output, "stdout": result.stdout, "stderr": result.stderr}
+
+
+def test_the_run_directory_alone_generates_the_same(world, greedy, tmp_path):
+  """Generation reads model, tokenizer, layout and context settings from the
+  run directory: with the run's `model_key` directory gone, the output is
+  the same as the command line's with it there."""
+  moved = str(tmp_path / "model_moved_away")
+  shutil.move(world["model"], moved)
+  try:
+    output = str(tmp_path / "alone" / "generations.jsonl")
+    generate(run_dir=world["run"], output_path=output)
+  finally:
+    shutil.move(moved, world["model"])
+  with open(output, "rb") as ours, open(greedy["path"], "rb") as reference:
+    assert ours.read() == reference.read()
 
 
 def read_lines(path):
@@ -179,7 +208,7 @@ def world_titles(world):
 
 
 def test_provenance_names_kilt_pages_through_the_title_map(world, greedy,
-                                                          tmp_path):
+                                                          tmp_path, capsys):
   """With --kilt_title_map, provenance gets KILT's wikipedia_id; a title the
   map misses is warned about, with its count."""
   num_examples = 16
@@ -192,11 +221,10 @@ def test_provenance_names_kilt_pages_through_the_title_map(world, greedy,
   map_path = tmp_path / "title_map.json"
   map_path.write_text(json.dumps(title_map), encoding="utf-8")
   output = tmp_path / "mapped" / "generations.jsonl"
-  result = run_ok("generation.py", f"--run_dir={world['run']}",
-                  f"--output_path={output}", f"--batch_size={BATCH_SIZE}",
-                  f"--max_examples={num_examples}",
-                  f"--kilt_title_map={map_path}", "--evaluate",
-                  f"--gold_path={world['gold']}")
+  generate(run_dir=world["run"], output_path=str(output),
+           max_examples=num_examples, kilt_title_map=str(map_path),
+           evaluate=True, gold_path=world["gold"])
+  result = capsys.readouterr()
   mapped = read_lines(output)
   num_contexts = num_unmapped = 0
   for with_ids, without in zip(mapped, plain, strict=True):
@@ -216,7 +244,7 @@ def test_provenance_names_kilt_pages_through_the_title_map(world, greedy,
   assert num_unmapped >= 1
   assert (f"warning: {num_unmapped} of {num_contexts} contexts (1 distinct "
           f"titles, e.g. {missing!r}) have a title that is not in "
-          f"{map_path}") in result.stderr
+          f"{map_path}") in result.err
   config = json.loads((output.parent / "generation_config.json").read_text())
   assert config["kilt_title_map"] == str(map_path)
   assert config["titles_path"].endswith("titles.tfr")
@@ -225,13 +253,14 @@ def test_provenance_names_kilt_pages_through_the_title_map(world, greedy,
   # The gold block is the best neighbour of most demo questions.
   assert metrics["rprec"] > 0.5 and metrics["recall@5"] >= metrics["rprec"]
   assert metrics["kilt_rougeL"] <= metrics["rougeL"]
-  assert "R-Prec (%)" in result.stdout
+  assert "R-Prec (%)" in result.out
 
 
 def test_prompts_are_the_training_layout_with_its_context_draw(world):
   """Prompts equal the training pipeline's sequences up to `Answer:`."""
   tokenizer = task_specific.load_tokenizer(world["tokenizer"])
-  layout = generation_lib.make_layout(tokenizer, LAYOUT, 256)
+  layout = task_specific.make_layout(
+      tokenizer, task_specific.LayoutConfig(**LAYOUT), 256)
   manifest = neighbour_cache.read_manifest(world["cache"])
   files = neighbour_cache.split_files(world["cache"], manifest, "validation")
   for approach, temperature in (("cached_pretok", 1.0), ("naked_lm", 0.0)):
@@ -251,7 +280,7 @@ def test_prompts_are_the_training_layout_with_its_context_draw(world):
           training.append(tuple(ids[:np.argmax(labels)]))
     assert ours == sorted(training), approach
     assert prompts["input_ids"].shape == (
-        NUM_VALIDATION, generation_lib.prompt_length(layout))
+        NUM_VALIDATION, layout.prompt_length)
   # The question-cut count is what the layout did.
   lengths = [len(e["question_ids"]) for e in cached_examples(world["cache"])]
   assert prompts["question_cut"].sum() == sum(
@@ -266,10 +295,10 @@ def test_exported_checkpoint_greedy_equals_transformers_generate(
          f"--output_dir={export_dir}")
   num_examples = 8
   output = str(tmp_path / "from_export" / "generations.jsonl")
-  run_ok("generation.py", f"--model_key={export_dir}",
-         f"--cache_dir={world['cache']}", f"--output_path={output}",
-         f"--batch_size={BATCH_SIZE}", f"--max_examples={num_examples}",
-         f"--num_retrievals={NUM_RETRIEVALS}", *LAYOUT_FLAGS)
+  generation_lib.generate(generation_lib.GenerationConfig(
+      model_key=export_dir, cache_dir=world["cache"], output_path=output,
+      batch_size=BATCH_SIZE, max_examples=num_examples,
+      num_retrievals=NUM_RETRIEVALS, layout_overrides=LAYOUT))
   ours = [r["output"][0]["answer"] for r in read_lines(output)]
   # The exported weights generate what the run's checkpoint generated.
   assert ours == [r["output"][0]["answer"]
@@ -280,7 +309,8 @@ def test_exported_checkpoint_greedy_equals_transformers_generate(
   # model.safetensors; tf_model.h5 is the export's TF copy.
   model = transformers.TFGPT2LMHeadModel.from_pretrained(
       export_dir, use_safetensors=False)
-  layout = task_specific.make_layout(tokenizer, **LAYOUT)
+  layout = task_specific.make_layout(
+      tokenizer, task_specific.LayoutConfig(**LAYOUT), model.config.n_positions)
   # Temperature 0: the contexts are the best-scored neighbours, in order.
   prompts = [task_specific.prompt_ids(e["question_ids"],
                                       e["neighbours"][:NUM_RETRIEVALS],
@@ -303,9 +333,9 @@ def test_exported_checkpoint_greedy_equals_transformers_generate(
 def test_two_replicas_equal_one(world, greedy, tmp_path):
   """Acceptance 4, first half."""
   output = str(tmp_path / "generations.jsonl")
-  run_ok("generation.py", f"--run_dir={world['run']}",
-         f"--output_path={output}", f"--batch_size={BATCH_SIZE}",
-         "--distribute_mode=MirroredStrategy", "--num_cpu_devices=2")
+  generate(run_dir=world["run"], output_path=output,
+           distribute_mode="MirroredStrategy",
+           devices=["/cpu:0", "/cpu:1"])
   config = json.load(open(tmp_path / "generation_config.json"))
   assert config["num_replicas"] == 2
   with open(output, "rb") as ours, open(greedy["path"], "rb") as reference:
@@ -375,27 +405,6 @@ def test_output_is_continued_only_under_its_config(tmp_path):
   assert generation_lib.prepare_output(output, config)
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(method="beam", num_beams=4, temperature=0.7),
-     "--temperature=0.7 applies only to --decoding=sampling"),
-    (dict(method="sampling", num_beams=4), "beam sampling is not supported"),
-    (dict(method="sampling", top_p=1.5), "--top_p=1.5: must be in (0, 1]"),
-    (dict(method="sampling", top_p=0.0), "--top_p=0.0: must be in (0, 1]"),
-    (dict(method="sampling", temperature=0.0), "--temperature=0.0: must be > 0"),
-    (dict(method="greedy", top_k=5), "--top_k=5 applies only to"),
-    (dict(method="greedy", length_penalty=0.5), "--length_penalty=0.5"),
-    (dict(method="beam"), "--decoding=beam needs >= 2"),
-    (dict(method="beam", num_beams=2, repetition_penalty=0.0),
-     "--repetition_penalty=0.0"),
-    (dict(max_new_tokens=-1), "--max_new_tokens=-1"),
-])
-def test_unknown_decoding_combinations_are_refused(settings, message):
-  with pytest.raises(utils.UserError) as error:
-    generation_lib.check_decoding(generation_lib.Decoding(**settings))
-  assert message in str(error.value)
-  assert "\n" not in str(error.value)
-
-
 def test_bad_inputs_are_one_line(world, tmp_path):
   """Acceptance 5 on the command line (refused before any model is built)."""
   output = f"--output_path={tmp_path / 'out' / 'g.jsonl'}"
@@ -436,19 +445,6 @@ def test_checkpoint_of_another_config_is_refused(world, tmp_path, key, value,
   config = json.loads((run_dir / "config.json").read_text())
   config["model_config"][key] = value
   (run_dir / "config.json").write_text(json.dumps(config))
-  tokenizer = task_specific.load_tokenizer(world["tokenizer"])
   with pytest.raises(utils.UserError) as error:
-    generation_lib.restore_run_model(
-        str(run_dir), generation_lib.read_run_config(str(run_dir)), tokenizer)
+    run_dir_lib.load_model(str(run_dir), run_dir_lib.read_config(str(run_dir)))
   assert message in str(error.value) and "\n" not in str(error.value)
-
-
-def test_answers_longer_than_the_model_allows_are_refused(world):
-  tokenizer = task_specific.load_tokenizer(world["tokenizer"])
-  layout = generation_lib.make_layout(tokenizer, LAYOUT, 256)
-  decoding = generation_lib.resolve_max_new_tokens(
-      generation_lib.Decoding(), layout, 256)
-  assert decoding.max_new_tokens == LAYOUT["max_answer_tokens"] + 1
-  with pytest.raises(utils.UserError, match="at most 169 new tokens"):
-    generation_lib.resolve_max_new_tokens(
-        generation_lib.Decoding(max_new_tokens=170), layout, 256)

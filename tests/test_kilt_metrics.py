@@ -10,7 +10,6 @@ our `util_scripts/kilt_eval.py` for the acceptance test.
 """
 
 import ast
-import collections
 import json
 import os
 import random
@@ -21,6 +20,7 @@ import sys
 import pytest
 import tensorflow as tf
 
+import kilt_files
 import kilt_metrics
 import utils
 from cache_fixtures import write_cache
@@ -30,7 +30,8 @@ KILT_EVAL = os.path.join(REPO_ROOT, "util_scripts", "kilt_eval.py")
 KILT_TITLE_MAP = os.path.join(REPO_ROOT, "util_scripts", "kilt_title_map.py")
 KILT_REFERENCE = os.path.join(REPO_ROOT, "..", "shared", "reference", "kilt")
 REAL_DEV = os.path.join(REPO_ROOT, "..", "shared", "fixtures",
-                        "kilt_eli5_sample", "eli5-dev-kilt.jsonl")
+                        "kilt_eli5_sample",
+                        kilt_files.ELI5_SPLIT_FILES["validation"])
 
 sys.path.insert(0, KILT_REFERENCE)
 from kilt import eval_downstream as kilt_downstream  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -438,6 +439,7 @@ def _run_kilt_eval(gold_path, guess_path, output_path):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_every_metric_equals_kilts_official_scripts(tmp_path):
   """Acceptance: ROUGE-L, F1, EM, accuracy, R-Prec, recall@5, KILT-RL,
   KILT-F1, KILT-EM, KILT-accuracy, and all of eval_retrieval.py's report,
@@ -490,7 +492,7 @@ def _page(page_id, title):
 
 
 def test_title_map_cli_keeps_the_first_page_of_a_title(tmp_path):
-  source = _write_jsonl(tmp_path / "kilt_knowledgesource.json", [
+  source = _write_jsonl(tmp_path / kilt_files.KNOWLEDGE_SOURCE_FILE, [
       _page("12", "Anarchism"), _page("25", "Autism"), "",
       _page("39", "Albedo"), _page("40", "Anarchism"), _page("25", "Autism"),
       _page("303", "Café Müller")])
@@ -513,11 +515,12 @@ def test_title_map_cli_keeps_the_first_page_of_a_title(tmp_path):
      "ks.json: line 3: malformed JSON"),
     ([_page("1", "A"), {"_id": "2", "wikipedia_id": "2", "text": []}],
      "ks.json: line 2: no 'wikipedia_title' field"),
-    (['["not", "a", "page"]'],
-     "line 1: no 'wikipedia_id' or 'wikipedia_title' field"),
+    (['["not", "a", "page"]'], "line 1: expected a JSON object, got list"),
+    ([_page("1", "A"), {"_id": "2"}],
+     "ks.json: line 2: no 'wikipedia_id' or 'wikipedia_title' field"),
     ([{"wikipedia_id": 2, "wikipedia_title": "B"}],
      "line 1: wikipedia_title 'B' and wikipedia_id 2, expected two strings"),
-    ([""], "no pages"),
+    ([""], "no lines (an empty KILT knowledge source)"),
 ])
 def test_bad_knowledge_source_lines_are_one_line_errors(tmp_path, lines,
                                                         message):
@@ -661,6 +664,7 @@ def test_retriever_alone_equals_kilt_on_its_top_cached_blocks(cache_world):
           "titles, e.g. 'Moon') have a title that is not in") in completed.stderr
 
 
+@pytest.mark.slow
 def test_retriever_alone_bad_inputs_are_one_line(cache_world):
   def error_of(*flags):
     completed = _run_cache_eval(cache_world, *flags)

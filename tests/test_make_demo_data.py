@@ -1,4 +1,5 @@
-"""The demo world: every artefact loads with the real loader and is deterministic."""
+"""The demo world (demo_world.py, its command line make_demo_data.py): every
+artefact loads with the real loader and is deterministic."""
 
 import hashlib
 import json
@@ -15,8 +16,9 @@ from tensorflow.core.protobuf import saved_model_pb2
 import tensorflow_hub as hub
 import transformers
 
-import retrievers
-from util_scripts import make_demo_data
+import kilt_files
+import query_embedder
+from util_scripts import demo_world
 import utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,31 +28,27 @@ TINY = dict(num_train=48, num_validation=8, num_test=4,
 SEED = 3
 
 
-def _cli_flags(sizes):
-  return [f"--{name}={value}" for name, value in sizes.items()]
+def _run_script(*args):
+  return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True,
+                        text=True, timeout=300,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  """A tiny world written by the command line, as `make demo` runs it."""
-  output_dir = tmp_path_factory.mktemp("world")
-  result = subprocess.run(
-      [sys.executable, SCRIPT, f"--output_dir={output_dir}", f"--seed={SEED}",
-       *_cli_flags(TINY)],
-      capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-  assert result.returncode == 0, result.stderr[-3000:]
-  return output_dir, result.stdout
+def world_dir(tmp_path_factory):
+  """The directory of a tiny world, written in-process, as `make demo` does."""
+  directory = tmp_path_factory.mktemp("world")
+  demo_world.build_world(directory, seed=SEED, **TINY)
+  return directory
 
 
 def _read_jsonl(path):
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f]
+  return [record for _, record in kilt_files.read_jsonl(path, "demo file")]
 
 
 def _kilt(output_dir, split):
   return _read_jsonl(os.path.join(output_dir, "kilt",
-                                  make_demo_data.SPLIT_FILES[split]))
+                                  kilt_files.ELI5_SPLIT_FILES[split]))
 
 
 def _records(path):
@@ -81,9 +79,8 @@ def _answer_words(answer):
   return re.findall(r"\w+", answer)
 
 
-def test_kilt_files_have_kilt_format_and_sizes(world):
-  output_dir, _ = world
-  train, dev, test = (_kilt(output_dir, split)
+def test_kilt_files_have_kilt_format_and_sizes(world_dir):
+  train, dev, test = (_kilt(world_dir, split)
                       for split in ("train", "validation", "test"))
   assert (len(train), len(dev), len(test)) == (
       TINY["num_train"], TINY["num_validation"], TINY["num_test"])
@@ -99,14 +96,14 @@ def test_kilt_files_have_kilt_format_and_sizes(world):
   assert len(set(ids)) == len(ids)
 
 
-def test_gold_blocks_state_the_fact_and_held_out_facts_are_only_there(world):
-  output_dir, _ = world
-  config = _retriever_config(output_dir)
+def test_gold_blocks_state_the_fact_and_held_out_facts_are_only_there(
+    world_dir):
+  config = _retriever_config(world_dir)
   blocks, titles = _blocks(config), _titles(config)
   assert len(blocks) == len(titles) == config["num_block_records"] == (
       TINY["num_train"] + TINY["num_validation"] + TINY["num_test"] +
       TINY["num_distractor_blocks"])
-  train, dev = _kilt(output_dir, "train"), _kilt(output_dir, "validation")
+  train, dev = _kilt(world_dir, "train"), _kilt(world_dir, "validation")
   gold_ids = []
   for record in train + dev:
     [output] = record["output"]
@@ -125,11 +122,11 @@ def test_gold_blocks_state_the_fact_and_held_out_facts_are_only_there(world):
     assert record["output"][0]["provenance"][0]["title"] not in train_text
 
 
-def test_knowledge_source_maps_every_gold_title_to_its_wikipedia_id(world):
-  output_dir, _ = world
-  pages = _read_jsonl(os.path.join(output_dir, "kilt",
-                                   make_demo_data.KNOWLEDGE_SOURCE_FILE))
-  titles = _titles(_retriever_config(output_dir))
+def test_knowledge_source_maps_every_gold_title_to_its_wikipedia_id(
+    world_dir):
+  pages = _read_jsonl(os.path.join(world_dir, "kilt",
+                                   kilt_files.KNOWLEDGE_SOURCE_FILE))
+  titles = _titles(_retriever_config(world_dir))
   # KILT's format: one page per title, its paragraphs the title first.
   assert len(pages) == len(titles)
   for block_id, page in enumerate(pages):
@@ -139,13 +136,13 @@ def test_knowledge_source_maps_every_gold_title_to_its_wikipedia_id(world):
     assert page["text"][0] == titles[block_id] + "\n"
   wikipedia_ids = {page["wikipedia_title"]: page["wikipedia_id"]
                    for page in pages}
-  for record in _kilt(output_dir, "train") + _kilt(output_dir, "validation"):
+  for record in _kilt(world_dir, "train") + _kilt(world_dir, "validation"):
     [provenance] = record["output"][0]["provenance"]
     assert wikipedia_ids[provenance["title"]] == provenance["wikipedia_id"]
 
 
-def test_embedder_is_a_tf1_hub_module_in_realms_layout(world):
-  embedder_dir = _retriever_config(world[0])["query_embedder_path"]
+def test_embedder_is_a_tf1_hub_module_in_realms_layout(world_dir):
+  embedder_dir = _retriever_config(world_dir)["query_embedder_path"]
   fixture_dir = os.path.join(REPO, "..", "shared", "fixtures", "realm_tf1_hub",
                              "embedder")
   for directory in (embedder_dir, fixture_dir):
@@ -169,9 +166,8 @@ def test_embedder_is_a_tf1_hub_module_in_realms_layout(world):
   assert os.listdir(os.path.join(embedder_dir, "assets")) == ["vocab.txt"]
 
 
-def test_embedder_has_the_realm_signatures_and_matches_block_emb(world):
-  output_dir, _ = world
-  config = _retriever_config(output_dir)
+def test_embedder_has_the_realm_signatures_and_matches_block_emb(world_dir):
+  config = _retriever_config(world_dir)
   embedder = hub.load(config["query_embedder_path"])
   info = embedder.signatures["tokenization_info"]()
   # As in every Hub export: the placeholder that only TF1 hub.Module rewrites.
@@ -187,33 +183,33 @@ def test_embedder_has_the_realm_signatures_and_matches_block_emb(world):
   assert block_emb.shape == (config["num_block_records"], 128)
   assert block_emb.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(block_emb, axis=1),
-                             make_demo_data.EMBEDDING_NORM, rtol=1e-5)
+                             demo_world.EMBEDDING_NORM, rtol=1e-5)
 
   # The stored block embeddings are the module applied to `[CLS] title [SEP]
   # text [SEP]` of each block.
-  wordpieces = retrievers.QueryEmbedder(
+  wordpieces = query_embedder.QueryEmbedder(
       config["query_embedder_path"]).wordpieces
   blocks = list(zip(_titles(config), _blocks(config)))
-  features = make_demo_data.block_features(wordpieces, blocks)
+  features = demo_world.block_features(wordpieces, blocks)
   first = features["input_ids"][0, :features["input_mask"][0].sum()]
   assert (first == wordpieces.sep_id).sum() == 2
   assert first[0] == wordpieces.cls_id and first[-1] == wordpieces.sep_id
-  recomputed = make_demo_data.embed(
+  recomputed = demo_world.embed(
       lambda batch: projected(**{name: tf.constant(value) for name, value
                                  in batch.items()})["default"].numpy(),
       features)
   np.testing.assert_allclose(recomputed, block_emb, atol=1e-5)
 
 
-def test_query_tokenisation_matches_bert_tokenizer_and_recall_is_high(world):
-  output_dir, stdout = world
-  config = _retriever_config(output_dir)
-  embedder = retrievers.QueryEmbedder(config["query_embedder_path"])
+def test_query_tokenisation_matches_bert_tokenizer_and_recall_is_high(
+    world_dir):
+  config = _retriever_config(world_dir)
+  embedder = query_embedder.QueryEmbedder(config["query_embedder_path"])
   vocab_file = embedder.wordpieces.vocab_file
   assert vocab_file == os.path.join(config["query_embedder_path"], "assets",
                                     "vocab.txt")
   records = [r for split in ("train", "validation") for r in
-             _kilt(output_dir, split)]
+             _kilt(world_dir, split)]
   questions = [r["input"] for r in records]
 
   input_ids, input_mask = embedder.token_ids(questions)
@@ -227,44 +223,42 @@ def test_query_tokenisation_matches_bert_tokenizer_and_recall_is_high(world):
   query_embeddings = embedder.embed(questions)
   gold = [int(r["output"][0]["provenance"][0]["wikipedia_id"])
           for r in records]
-  recall = make_demo_data.recall_at_k(query_embeddings, _block_emb(config),
+  recall = demo_world.recall_at_k(query_embeddings, _block_emb(config),
                                       gold, k=5)
   assert recall >= 0.9
-  reported = utils.read_json(os.path.join(output_dir, "world.json"))
+  reported = utils.read_json(os.path.join(world_dir, "world.json"))
   assert reported["recall_at_5"] >= 0.9
-  assert f"recall@5 of the embedder: {reported['recall_at_5']:.4f}" in stdout
 
 
-def test_embedder_still_loads_after_the_directory_is_copied(world, tmp_path):
-  output_dir, _ = world
-  original = _retriever_config(output_dir)["query_embedder_path"]
+def test_embedder_still_loads_after_the_directory_is_copied(world_dir,
+                                                           tmp_path):
+  original = _retriever_config(world_dir)["query_embedder_path"]
   copied = tmp_path / "embedder_copy"
   shutil.copytree(original, copied)
-  embedder = retrievers.QueryEmbedder(str(copied))
+  embedder = query_embedder.QueryEmbedder(str(copied))
   assert embedder.wordpieces.vocab_file == str(copied / "assets" / "vocab.txt")
-  questions = [r["input"] for r in _kilt(output_dir, "validation")]
+  questions = [r["input"] for r in _kilt(world_dir, "validation")]
   embeddings = embedder.embed(questions)
   assert embeddings.shape == (len(questions), 128)
   np.testing.assert_array_equal(
-      embeddings, retrievers.QueryEmbedder(original).embed(questions))
+      embeddings, query_embedder.QueryEmbedder(original).embed(questions))
 
 
-def test_gpt2_tokenizer_and_model_config_load(world):
-  output_dir, _ = world
+def test_gpt2_tokenizer_and_model_config_load(world_dir):
   tokenizer = transformers.GPT2TokenizerFast.from_pretrained(
-      os.path.join(output_dir, "tokenizer"))
+      os.path.join(world_dir, "tokenizer"))
   assert (tokenizer.bos_token == tokenizer.eos_token == tokenizer.unk_token ==
           "<|endoftext|>")
   config = transformers.GPT2Config.from_json_file(
-      os.path.join(output_dir, "model_config", "config.json"))
+      os.path.join(world_dir, "model_config", "config.json"))
   assert config.vocab_size == len(tokenizer) == TINY["gpt2_vocab_size"]
   assert config.eos_token_id == tokenizer.eos_token_id
   assert (config.n_layer, config.n_embd) == (2, 128)
-  block = _blocks(_retriever_config(output_dir))[0]
+  block = _blocks(_retriever_config(world_dir))[0]
   ids = tokenizer(block)["input_ids"]
   assert tokenizer.decode(ids) == block
   # A made-up name is several pieces, not one token a model could learn whole.
-  title = _titles(_retriever_config(output_dir))[0]
+  title = _titles(_retriever_config(world_dir))[0]
   assert len(tokenizer(" " + title.split()[0])["input_ids"]) >= 2
 
 
@@ -281,13 +275,19 @@ def _file_hashes(output_dir):
   return hashes
 
 
-def test_same_seed_gives_identical_files(world, tmp_path):
-  output_dir, _ = world
+@pytest.mark.slow
+def test_same_seed_gives_identical_files_from_the_command_line_too(
+    world_dir, tmp_path):
   again = tmp_path / "again"
-  make_demo_data.build_world(again, seed=SEED, **TINY)
+  result = _run_script(f"--output_dir={again}", f"--seed={SEED}",
+                       *[f"--{name}={value}" for name, value in TINY.items()])
+  assert result.returncode == 0, result.stderr[-3000:]
+  reported = utils.read_json(os.path.join(world_dir, "world.json"))
+  assert (f"gold-block recall@5 of the embedder: "
+          f"{reported['recall_at_5']:.4f}") in result.stdout
   hashes = _file_hashes(again)
   # Byte for byte, the embedder's graph and variables included.
-  assert hashes == _file_hashes(output_dir)
+  assert hashes == _file_hashes(world_dir)
   for name in ("saved_model.pb", "tfhub_module.pb",
                os.path.join("variables", "variables.index"),
                os.path.join("variables", "variables.data-00000-of-00001"),
@@ -295,23 +295,22 @@ def test_same_seed_gives_identical_files(world, tmp_path):
                os.path.join("encoded", "encoded.ckpt.index")):
     assert os.path.join("realm", "embedder", name) in hashes
   assert {os.path.join("realm", "titles.tfr"),
-          os.path.join("kilt", make_demo_data.KNOWLEDGE_SOURCE_FILE),
+          os.path.join("kilt", kilt_files.KNOWLEDGE_SOURCE_FILE),
           "retriever_config.json"} <= set(hashes)
 
   other = tmp_path / "other"
-  make_demo_data.build_world(other, seed=SEED + 1, **TINY)
+  demo_world.build_world(other, seed=SEED + 1, **TINY)
   assert (_file_hashes(other)[os.path.join("realm", "blocks.tfr")] !=
-          _file_hashes(output_dir)[os.path.join("realm", "blocks.tfr")])
+          _file_hashes(world_dir)[os.path.join("realm", "blocks.tfr")])
 
 
+@pytest.mark.slow
 def test_bad_sizes_and_missing_output_dir_are_one_line_errors(tmp_path):
   with pytest.raises(utils.UserError, match="--num_train=0"):
-    make_demo_data.build_world(tmp_path / "w", num_train=0)
+    demo_world.build_world(tmp_path / "w", num_train=0)
   with pytest.raises(utils.UserError, match="--gpt2_vocab_size=10"):
-    make_demo_data.build_world(tmp_path / "w", gpt2_vocab_size=10)
-  result = subprocess.run([sys.executable, SCRIPT], capture_output=True,
-                          text=True, timeout=120,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    demo_world.build_world(tmp_path / "w", gpt2_vocab_size=10)
+  result = _run_script()
   assert result.returncode == utils.USER_ERROR_EXIT_CODE
   assert result.stderr.strip().splitlines()[-1].startswith(
       "error: --output_dir is required")

@@ -1,10 +1,10 @@
 """The length notebooks: executed headless on a tiny demo world and cache; their numbers and PNGs."""
 
-import json
 import os
 import re
 
 import cache_fixtures
+import kilt_files
 import nbclient
 import nbformat
 import numpy as np
@@ -13,7 +13,11 @@ import tensorflow as tf
 import transformers
 
 from notebooks import length_stats
-from util_scripts import make_demo_data
+from util_scripts import demo_world
+
+# Slow, the whole module (executes the notebooks):
+# not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS_DIR = os.path.join(REPO_ROOT, "notebooks")
@@ -23,7 +27,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(name="world", scope="module")
 def fixture_world(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("world"))
-  make_demo_data.build_world(directory, num_train=40, num_validation=5,
+  demo_world.build_world(directory, num_train=40, num_validation=5,
                              num_test=2, num_distractor_blocks=20,
                              gpt2_vocab_size=300)
   return directory
@@ -71,7 +75,7 @@ def test_room_arithmetic_by_hand(world):
 
 
 def test_compute_cumul_lengths_notebook(world, tmp_path):
-  kilt_path = os.path.join(world, "kilt", "eli5-train-kilt.jsonl")
+  kilt_path = os.path.join(world, "kilt", kilt_files.ELI5_SPLIT_FILES["train"])
   tokenizer_dir = os.path.join(world, "tokenizer")
   # Sizes at which, on this tiny world, some fractions fall strictly between
   # 0 and 1.
@@ -92,11 +96,9 @@ def test_compute_cumul_lengths_notebook(world, tmp_path):
   fixed = count("Question:") + count(" Answer:") + answer_reserve + 1
   per_context = count(" Context:")
   rooms = []
-  with open(kilt_path, encoding="utf-8") as f:
-    for line in f:
-      record = json.loads(line)
-      question_tokens = min(count(" " + record["input"]), max_question_tokens)
-      rooms += [n_positions - question_tokens - fixed] * len(record["output"])
+  for _, record in kilt_files.read_jsonl(kilt_path, "KILT file"):
+    question_tokens = min(count(" " + record["input"]), max_question_tokens)
+    rooms += [n_positions - question_tokens - fixed] * len(record["output"])
   assert f"40 questions, {len(rooms)} (question, answer) examples" in printed
   fractions = []
   for block_length in block_lengths:
@@ -144,5 +146,6 @@ def test_block_lengths_from_a_blocks_file(world):
   first_texts = [record.decode("utf-8") for record in
                  tf.data.TFRecordDataset(blocks_path).take(5)
                  .as_numpy_iterator()]
-  assert lengths.tolist() == [len(tokenizer(text)["input_ids"])
+  # Counted as the cache holds them: after a space, as after ` Context:`.
+  assert lengths.tolist() == [len(tokenizer(" " + text)["input_ids"])
                               for text in first_texts]

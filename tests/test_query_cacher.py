@@ -1,15 +1,17 @@
-"""query_cacher_tfrecord.py end to end on a tiny demo world, always as a subprocess.
+"""The cacher (`caching.cache`) on a tiny demo world, in-process through the library.
 
-The script is run the way users run it (its flags would also clash with other
-entry scripts' flags in one test process). The cache is checked against a
-NumPy brute force computed independently of `retrievers.py`, a SIGKILLed run
-is resumed and compared byte for byte with an uninterrupted one, REALM's own
-TF1 Hub export and real KILT lines (`../shared/fixtures/`) go through it, and
-bad inputs end with one line.
+The cache is checked against a NumPy brute force computed independently of
+`retrievers.py`; REALM's own TF1 Hub export and real KILT lines
+(`../shared/fixtures/`) go through it; bad settings and inputs are
+`utils.UserError`s naming the flag or file. query_cacher_tfrecord.py runs as
+a subprocess only for what the command line alone shows: exit 2 with one
+line, a SIGKILLed run resumed to the uninterrupted cache byte for byte, and
+a second cacher refused by the lock of the first.
 """
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,9 +25,13 @@ import tensorflow_hub as hub
 import transformers
 
 import cache_fixtures
+import caching
+from conftest import LOGICAL_CPUS
+import kilt_files
 import neighbour_cache
 import retrieval_fixtures
-from util_scripts import make_demo_data
+import settings
+from util_scripts import demo_world
 import utils
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,25 +39,37 @@ CACHER = os.path.join(REPO_ROOT, "query_cacher_tfrecord.py")
 NUM_NEIGHBOURS = 8
 MAX_BLOCK_TOKENS = 24
 # Small batches and several shards, so that a kill lands between shards.
-CACHE_FLAGS = (f"--num_neighbours={NUM_NEIGHBOURS}", "--num_shards=4",
-               "--batch_size=4", f"--max_block_tokens={MAX_BLOCK_TOKENS}")
+CACHE_SETTINGS = {"num_neighbours": NUM_NEIGHBOURS, "num_shards": 4,
+                  "batch_size": 4, "max_block_tokens": MAX_BLOCK_TOKENS}
 
 
 @pytest.fixture(name="world", scope="module")
 def fixture_world(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("world"))
-  return make_demo_data.build_world(
+  return demo_world.build_world(
       directory, num_train=160, num_validation=12, num_test=6,
       num_distractor_blocks=150, gpt2_vocab_size=300)
 
 
-def cacher_command(world, output_dir, *extra_flags, dataset_root=None):
+def world_settings(world, output_dir, dataset_root=None):
+  """The flat settings of a cacher run on `world` into `output_dir`."""
   paths = world["paths"]
-  return [sys.executable, CACHER,
-          f"--retriever_config_path={paths['retriever_config']}",
-          f"--dataset_root={dataset_root or paths['kilt_dir']}",
-          f"--output_dir={output_dir}", f"--tokenizer={paths['tokenizer']}",
-          *CACHE_FLAGS, *extra_flags]
+  return {"retriever_config_path": paths["retriever_config"],
+          "dataset_root": dataset_root or paths["kilt_dir"],
+          "output_dir": output_dir, "tokenizer": paths["tokenizer"],
+          **CACHE_SETTINGS}
+
+
+def cache(world, output_dir, /, **values):
+  """`caching.cache` of the world's settings, `values` overriding them."""
+  return caching.cache(settings.from_flat(caching.CacheConfig, {
+      **world_settings(world, output_dir), **values}, "test"))
+
+
+def cacher_command(world, output_dir, dataset_root=None):
+  return [sys.executable, CACHER] + [
+      f"--{name}={value}" for name, value in
+      world_settings(world, output_dir, dataset_root).items()]
 
 
 def run_command(command):
@@ -60,17 +78,11 @@ def run_command(command):
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), check=False)
 
 
-def run_cacher(world, output_dir, *extra_flags, dataset_root=None):
-  return run_command(cacher_command(world, output_dir, *extra_flags,
-                                    dataset_root=dataset_root))
-
-
 @pytest.fixture(name="cache_dir", scope="module")
 def fixture_cache_dir(world, tmp_path_factory):
   """An uninterrupted run."""
   output_dir = str(tmp_path_factory.mktemp("cache"))
-  result = run_cacher(world, output_dir)
-  assert result.returncode == 0, result.stderr
+  cache(world, output_dir)
   return output_dir
 
 
@@ -84,11 +96,9 @@ def read_split(cache_dir, split):
           for record in dataset]
 
 
-def kilt_records(world, split):
-  path = os.path.join(world["paths"]["kilt_dir"],
-                      make_demo_data.SPLIT_FILES[split])
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+def kilt_records(kilt_dir, split):
+  path = os.path.join(kilt_dir, kilt_files.ELI5_SPLIT_FILES[split])
+  return [record for _, record in kilt_files.read_jsonl(path, "KILT file")]
 
 
 def brute_force_neighbours(world, questions):
@@ -115,13 +125,16 @@ def directory_contents(directory):
   return contents
 
 
+def read_texts(path):
+  return [record.decode("utf-8")
+          for record in tf.data.TFRecordDataset(path).as_numpy_iterator()]
+
+
 def test_cache_holds_every_question_with_brute_force_neighbours(world,
                                                                 cache_dir):
   tokenizer = transformers.GPT2TokenizerFast.from_pretrained(
       world["paths"]["tokenizer"])
-  block_texts = [record.decode("utf-8") for record in
-                 tf.data.TFRecordDataset(world["paths"]["blocks"])
-                 .as_numpy_iterator()]
+  block_texts = read_texts(world["paths"]["blocks"])
   manifest = neighbour_cache.read_manifest(cache_dir)
   assert manifest["num_neighbours"] == NUM_NEIGHBOURS
   assert manifest["num_blocks"] == world["num_blocks"]
@@ -137,7 +150,7 @@ def test_cache_holds_every_question_with_brute_force_neighbours(world,
        for name in split["shards"]])
   for split in neighbour_cache.SPLITS:
     records = read_split(cache_dir, split)
-    kilt = kilt_records(world, split)
+    kilt = kilt_records(world["paths"]["kilt_dir"], split)
     # Every question once, in file order: no duplicate, none missing.
     assert [r["id"].decode() for r in records] == [k["id"] for k in kilt]
     assert manifest["splits"][split]["num_records"] == len(kilt)
@@ -163,13 +176,30 @@ def test_cache_holds_every_question_with_brute_force_neighbours(world,
       assert all(r["answers"] == [] for r in records)
 
 
-@pytest.mark.slow  # Three runs of the script; acceptance of resumability.
+def test_a_complete_cache_is_kept_and_other_settings_are_refused(
+    world, cache_dir, capsys):
+  before = directory_contents(cache_dir)
+  cache(world, cache_dir)
+  assert "already complete" in capsys.readouterr().out
+  assert directory_contents(cache_dir) == before
+  with pytest.raises(utils.UserError) as error:
+    cache(world, cache_dir, num_neighbours=NUM_NEIGHBOURS - 1)
+  assert "complete cache made with other settings" in str(error.value)
+  assert (f"num_neighbours is {NUM_NEIGHBOURS}, this run asks for "
+          f"{NUM_NEIGHBOURS - 1}") in str(error.value)
+  assert directory_contents(cache_dir) == before
+
+
+@pytest.mark.slow  # A subprocess killed mid-run; acceptance of resumability.
 def test_killed_run_resumes_to_the_uninterrupted_cache(world, cache_dir,
                                                        tmp_path):
   output_dir = str(tmp_path / "cache")
   first_shard = os.path.join(output_dir, "train-00000-of-00004.tfrecord")
+  # The killed run splits its CPU (--num_cpu_devices, which only a fresh
+  # process can do) and searches on the first device, as the resumed one.
   process = subprocess.Popen(
-      cacher_command(world, output_dir), cwd=REPO_ROOT,
+      cacher_command(world, output_dir) + ["--num_cpu_devices=2"],
+      cwd=REPO_ROOT,
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
   deadline = time.time() + 240
@@ -181,52 +211,48 @@ def test_killed_run_resumes_to_the_uninterrupted_cache(world, cache_dir,
   assert process.returncode == -signal.SIGKILL, "finished before the kill"
   left = os.listdir(output_dir)
   assert neighbour_cache.MANIFEST_NAME not in left
-  assert "manifest.pending.json" in left
+  assert caching.PENDING_MANIFEST_NAME in left
 
-  result = run_cacher(world, output_dir)
-  assert result.returncode == 0, result.stderr
-  assert directory_contents(output_dir) == directory_contents(cache_dir)
-
-  again = run_cacher(world, output_dir)
-  assert again.returncode == 0, again.stderr
-  assert "already complete" in again.stdout
+  cache(world, output_dir)
   assert directory_contents(output_dir) == directory_contents(cache_dir)
 
 
 def _assert_one_line_error(result, *fragments):
-  assert result.returncode == 2, result.stderr
+  assert result.returncode == utils.USER_ERROR_EXIT_CODE, result.stderr
   error_lines = [line for line in result.stderr.splitlines()
                  if line.startswith("error: ")]
   assert len(error_lines) == 1, result.stderr
   assert result.stderr.rstrip().splitlines()[-1] == error_lines[0]
+  assert "Traceback" not in result.stderr
   for fragment in fragments:
     assert fragment in error_lines[0]
 
 
-def test_complete_cache_with_other_settings_is_refused(world, cache_dir):
-  before = directory_contents(cache_dir)
-  result = run_cacher(world, cache_dir, f"--num_neighbours={NUM_NEIGHBOURS - 1}")
-  _assert_one_line_error(
-      result, "complete cache made with other settings",
-      f"num_neighbours is {NUM_NEIGHBOURS}, this run asks for "
-      f"{NUM_NEIGHBOURS - 1}")
-  assert directory_contents(cache_dir) == before
-
-
-def test_kilt_line_without_input_is_refused(world, tmp_path):
+def _copy_kilt_dir(world, tmp_path):
   dataset_root = str(tmp_path / "kilt")
   shutil.copytree(world["paths"]["kilt_dir"], dataset_root)
-  dev_path = os.path.join(dataset_root, make_demo_data.SPLIT_FILES["validation"])
-  with open(dev_path, encoding="utf-8") as f:
+  return dataset_root
+
+
+def _drop_input_of_line_3(path):
+  with open(path, encoding="utf-8") as f:
     lines = f.readlines()
   broken = json.loads(lines[2])
   del broken["input"]
   lines[2] = json.dumps(broken) + "\n"
-  with open(dev_path, "w", encoding="utf-8") as f:
+  with open(path, "w", encoding="utf-8") as f:
     f.writelines(lines)
+
+
+@pytest.mark.slow
+def test_command_line_bad_kilt_line_exits_2_with_one_line(world, tmp_path):
+  dataset_root = _copy_kilt_dir(world, tmp_path)
+  dev_path = os.path.join(dataset_root,
+                          kilt_files.ELI5_SPLIT_FILES["validation"])
+  _drop_input_of_line_3(dev_path)
   output_dir = str(tmp_path / "cache")
-  result = run_cacher(world, output_dir, dataset_root=dataset_root)
-  _assert_one_line_error(result, f"{dev_path}:3", "no string 'input'")
+  result = run_command(cacher_command(world, output_dir, dataset_root))
+  _assert_one_line_error(result, f"{dev_path}: line 3", "no string 'input'")
   assert not os.path.exists(output_dir)
 
 
@@ -251,44 +277,76 @@ def _write_numeric_answer(path):
                         "output": [{"answer": 42}]}) + "\n")
 
 
-@pytest.mark.parametrize("damage, message", [
-    (_write_empty, "no questions (an empty file)"),
-    (_make_directory, "is a directory, expected a KILT jsonl file"),
-    (_write_latin1, "not UTF-8"),
-    (_write_numeric_answer, "an 'answer' is int, expected a string"),
+def _write_repeated_id(path):
+  with open(path, encoding="utf-8") as f:
+    first = f.readline()
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(first)
+
+
+@pytest.mark.parametrize("split, damage, message", [
+    ("validation", _drop_input_of_line_3, "line 3: no string 'input'"),
+    ("train", _write_empty, "no lines (an empty KILT ELI5 file)"),
+    ("train", _make_directory, "is a directory, expected a jsonl file"),
+    ("train", _write_latin1, "not UTF-8"),
+    ("train", _write_numeric_answer, "an 'answer' is int, expected a string"),
+    ("train", _write_repeated_id, "appears more than once"),
 ])
-def test_bad_kilt_train_file_is_refused_before_anything_is_written(
-    world, tmp_path, damage, message):
-  dataset_root = str(tmp_path / "kilt")
-  shutil.copytree(world["paths"]["kilt_dir"], dataset_root)
-  train_path = os.path.join(dataset_root, make_demo_data.SPLIT_FILES["train"])
-  damage(train_path)
+def test_bad_kilt_file_is_refused_before_anything_is_written(
+    world, tmp_path, split, damage, message):
+  dataset_root = _copy_kilt_dir(world, tmp_path)
+  path = os.path.join(dataset_root, kilt_files.ELI5_SPLIT_FILES[split])
+  damage(path)
   output_dir = str(tmp_path / "cache")
-  result = run_cacher(world, output_dir, dataset_root=dataset_root)
-  _assert_one_line_error(result, train_path, message)
+  with pytest.raises(utils.UserError) as error:
+    cache(world, output_dir, dataset_root=dataset_root)
+  assert path in str(error.value) and message in str(error.value)
   assert not os.path.exists(output_dir)
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"retriever_config_path": None}, "--retriever_config_path is required"),
+    ({"dataset_root": ""}, "--dataset_root is required"),
+    ({"output_dir": None}, "--output_dir is required"),
+    ({"num_neighbours": 0}, "--num_neighbours=0: must be at least 1"),
+    ({"num_shards": 0}, "--num_shards=0: must be at least 1"),
+    ({"block_token_cache_size": -1},
+     "--block_token_cache_size=-1: must be >= 0"),
+    ({"splits": ["validation", "dev"]},
+     "--splits=validation,dev: expected some of train, validation, test"),
+    ({"splits": []}, "--splits=: expected some of"),
+    ({"search": "annoy"}, "--search=annoy: expected one of exact, scann"),
+    ({"search": "scann"}, "--search=scann needs --scann_config_path"),
+    ({"max_query_length": 1},
+     "--max_query_length=1: expected 0 (no cut) or at least 2"),
+])
+def test_bad_settings_are_refused_naming_the_flag(world, tmp_path, values,
+                                                  message):
+  output_dir = str(tmp_path / "cache")
+  with pytest.raises(utils.UserError, match=re.escape(message)):
+    cache(world, output_dir, **values)
+  assert not os.path.exists(output_dir)
+
+
+@pytest.mark.slow
 def test_a_second_cacher_on_one_output_fails_at_once_naming_the_holder(
     world, tmp_path):
   output_dir = str(tmp_path / "cache")
-  with utils.locked_directory(output_dir, "lock",
-                              "a test's hold"):
-    result = run_cacher(world, output_dir)
+  with utils.locked_directory(output_dir, caching.LOCK_NAME, "a test's hold"):
+    result = run_command(cacher_command(world, output_dir))
     _assert_one_line_error(result, f"neighbour cache {output_dir}",
                            f"pid {os.getpid()}")
-    assert os.listdir(output_dir) == ["lock"]
+    assert os.listdir(output_dir) == [caching.LOCK_NAME]
   # Released: the cacher runs.
-  result = run_cacher(world, output_dir, "--splits=validation")
-  assert result.returncode == 0, result.stderr
-  assert "lock" not in os.listdir(output_dir)
+  cache(world, output_dir, splits=["validation"])
+  assert caching.LOCK_NAME not in os.listdir(output_dir)
 
 
 def test_more_neighbours_than_blocks_is_refused(world, tmp_path):
   output_dir = str(tmp_path / "cache")
-  result = run_cacher(world, output_dir,
-                      f"--num_neighbours={world['num_blocks'] + 1}")
-  _assert_one_line_error(result, f"there are only {world['num_blocks']} blocks")
+  with pytest.raises(utils.UserError,
+                     match=f"there are only {world['num_blocks']} blocks"):
+    cache(world, output_dir, num_neighbours=world["num_blocks"] + 1)
   assert not os.path.exists(output_dir)
 
 
@@ -296,10 +354,8 @@ def test_exact_search_split_over_devices_writes_the_same_shards(world,
                                                                 cache_dir,
                                                                 tmp_path):
   output_dir = str(tmp_path / "cache")
-  result = run_cacher(world, output_dir, "--splits=validation",
-                      "--distribute_mode=MirroredStrategy",
-                      "--num_cpu_devices=2")
-  assert result.returncode == 0, result.stderr
+  cache(world, output_dir, splits=["validation"],
+        distribute_mode="MirroredStrategy", devices=LOGICAL_CPUS[:2])
   manifest = neighbour_cache.read_manifest(output_dir)
   assert list(manifest["splits"]) == ["validation"]
   for name in manifest["splits"]["validation"]["shards"]:
@@ -316,17 +372,15 @@ def test_scann_cache_saves_its_index_and_records_its_config(world, tmp_path):
   scann_config_path.write_text(json.dumps(scann_config))
   output_dir = str(tmp_path / "cache")
   index_dir = str(tmp_path / "index")
-  result = run_cacher(world, output_dir, "--splits=test", "--search=scann",
-                      f"--scann_config_path={scann_config_path}",
-                      f"--scann_index_dir={index_dir}")
-  assert result.returncode == 0, result.stderr
+  cache(world, output_dir, splits=["test"], search="scann",
+        scann_config_path=str(scann_config_path), scann_index_dir=index_dir)
   manifest = neighbour_cache.read_manifest(output_dir)
   assert manifest["search"] == dict(
       scann_config, kind="scann", dims_per_block=2,
       anisotropic_quantization_threshold=0.2)
   assert os.path.exists(os.path.join(index_dir, "scann_config.json"))
   # Every leaf searched and the candidates rescored: the exact neighbours.
-  kilt = kilt_records(world, "test")
+  kilt = kilt_records(world["paths"]["kilt_dir"], "test")
   _, expected_ids = brute_force_neighbours(world, [k["input"] for k in kilt])
   records = read_split(output_dir, "test")
   np.testing.assert_array_equal(
@@ -350,16 +404,14 @@ def _write_config(path, **config):
 
 def test_context_with_title_caches_title_and_text(world, tmp_path):
   output_dir = str(tmp_path / "cache")
-  result = run_cacher(world, output_dir, "--splits=validation",
-                      "--context_with_title")
-  assert result.returncode == 0, result.stderr
-  manifest = neighbour_cache.read_manifest(output_dir)
+  manifest = cache(world, output_dir, splits=["validation"],
+                   context_with_title=True)
   assert manifest["context_with_title"] is True
+  assert neighbour_cache.read_manifest(output_dir) == manifest
   tokenizer = transformers.GPT2TokenizerFast.from_pretrained(
       world["paths"]["tokenizer"])
-  read = lambda path: [record.decode("utf-8") for record in
-                       tf.data.TFRecordDataset(path).as_numpy_iterator()]
-  texts, titles = read(world["paths"]["blocks"]), read(world["paths"]["titles"])
+  texts = read_texts(world["paths"]["blocks"])
+  titles = read_texts(world["paths"]["titles"])
   for record in read_split(output_dir, "validation"):
     assert record["neighbours"] == [
         tokenizer(f" {titles[i]}: {texts[i]}")["input_ids"][:MAX_BLOCK_TOKENS]
@@ -373,15 +425,15 @@ def test_context_with_title_without_titles_is_refused(world, tmp_path):
                          text_records=paths["blocks"],
                          num_block_records=world["num_blocks"])
   output_dir = str(tmp_path / "cache")
-  result = run_cacher(world, output_dir, f"--retriever_config_path={config}",
-                      "--context_with_title")
-  _assert_one_line_error(result, f"--context_with_title: {config} has no "
-                         "title_records")
+  with pytest.raises(utils.UserError) as error:
+    cache(world, output_dir, retriever_config_path=config,
+          context_with_title=True)
+  assert f"--context_with_title: {config} has no title_records" in str(
+      error.value)
   assert not os.path.exists(output_dir)
 
 
-def test_titles_of_another_count_and_short_max_query_length_are_refused(
-    world, tmp_path):
+def test_titles_of_another_count_are_refused(world, tmp_path):
   paths = world["paths"]
   titles = str(tmp_path / "titles.tfr")
   retrieval_fixtures.write_blocks(titles, ["only", "two"])
@@ -390,48 +442,36 @@ def test_titles_of_another_count_and_short_max_query_length_are_refused(
                          text_records=paths["blocks"], title_records=titles,
                          num_block_records=world["num_blocks"])
   output_dir = str(tmp_path / "cache")
-  result = run_cacher(world, output_dir, f"--retriever_config_path={config}")
-  _assert_one_line_error(
-      result, f"{titles}: holds 2 titles, but {paths['blocks']} holds "
-      f"{world['num_blocks']} blocks")
-  result = run_cacher(world, output_dir, "--max_query_length=1")
-  _assert_one_line_error(result, "--max_query_length=1: expected 0 (no cut) "
-                         "or at least 2")
+  with pytest.raises(utils.UserError) as error:
+    cache(world, output_dir, retriever_config_path=config)
+  assert (f"{titles}: holds 2 titles, but {paths['blocks']} holds "
+          f"{world['num_blocks']} blocks") in str(error.value)
   assert not os.path.exists(output_dir)
 
 
-def test_realm_tf1_hub_export_and_real_kilt_lines_are_cached(tmp_path):
+def test_realm_tf1_hub_export_and_real_kilt_lines_are_cached(tmp_path,
+                                                             monkeypatch):
   """Acceptance: the cacher runs to the end on REALM's own export format."""
   tokenizer_dir = str(tmp_path / "tokenizer")
   tokenizer = cache_fixtures.write_tokenizer(tokenizer_dir)
   config_path = os.path.join(retrieval_fixtures.REALM_TF1_HUB,
                              "retriever_config.json")
   output_dir = str(tmp_path / "cache")
-  command = [sys.executable, CACHER, f"--retriever_config_path={config_path}",
-             f"--dataset_root={retrieval_fixtures.KILT_ELI5_SAMPLE}",
-             f"--output_dir={output_dir}", f"--tokenizer={tokenizer_dir}",
-             "--num_neighbours=8", "--num_shards=2", "--batch_size=3",
-             "--max_block_tokens=16", "--context_with_title"]
   # The fixture is read-only: block offsets go to a cache dir of the test's.
-  result = subprocess.run(
-      command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               XDG_CACHE_HOME=str(tmp_path / "xdg")), check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  manifest = neighbour_cache.read_manifest(output_dir)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  manifest = caching.cache(caching.CacheConfig(
+      retriever_config_path=config_path,
+      dataset_root=retrieval_fixtures.KILT_ELI5_SAMPLE, output_dir=output_dir,
+      tokenizer=tokenizer_dir, num_neighbours=8, num_shards=2, batch_size=3,
+      max_block_tokens=16, context_with_title=True))
   config = utils.read_json(config_path)
   assert manifest["titles_path"] == os.path.join(
       retrieval_fixtures.REALM_TF1_HUB, config["title_records"])
-  read = lambda path: [record.decode("utf-8") for record in
-                       tf.data.TFRecordDataset(path).as_numpy_iterator()]
-  texts = read(manifest["blocks_path"])
-  titles = read(manifest["titles_path"])
+  texts = read_texts(manifest["blocks_path"])
+  titles = read_texts(manifest["titles_path"])
   for split in neighbour_cache.SPLITS:
     records = read_split(output_dir, split)
-    path = os.path.join(retrieval_fixtures.KILT_ELI5_SAMPLE,
-                        make_demo_data.SPLIT_FILES[split])
-    with open(path, encoding="utf-8") as f:
-      kilt = [json.loads(line) for line in f if line.strip()]
+    kilt = kilt_records(retrieval_fixtures.KILT_ELI5_SAMPLE, split)
     assert [r["id"].decode() for r in records] == [k["id"] for k in kilt]
     for record in records:
       # All 8 blocks, best first.

@@ -29,11 +29,17 @@ import pytest
 import json_to_args
 import utils
 
+# Slow, the whole module (every entry script's --helpxml, one TensorFlow start-up each):
+# not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
 MAKEFILE = os.path.join(REPO, "Makefile")
 ENTRY_SCRIPT_DIRS = ("", "util_scripts", "bench")
-DEFINE_LINE = re.compile(r"^\w+\s*=\s*flags\.DEFINE_\w+\(", re.MULTILINE)
+# A flag defined by absl, or a config's flags made by `cli.define_flags`.
+DEFINE_LINE = re.compile(r"^\w+\s*=\s*(flags\.DEFINE_\w+|cli\.define_flags)\(",
+                         re.MULTILINE)
 MAIN_GUARD = re.compile(r"^if __name__ == [\"']__main__[\"']:", re.MULTILINE)
 SECTION_START = "<!-- section:flags -->"
 SECTION_END = "<!-- /section:flags -->"

@@ -4,8 +4,9 @@ The inputs are the formats' own: KILT ELI5 lines from KILT's data
 (`../shared/fixtures/kilt_eli5_sample/`: several answers per question, outputs
 that hold only provenance, a test split without answers, no newline after the
 last line) and a REALM retriever exported by REALM/ORQA's own code
-(`../shared/fixtures/realm_tf1_hub/`, a TF1 Hub module). Each stage runs
-through its entry script, as a user would run it.
+(`../shared/fixtures/realm_tf1_hub/`, a TF1 Hub module). The cache is made
+in-process (`caching.cache`, whose command line test_query_cacher.py covers);
+the other stages run through their entry scripts, as a user would run them.
 """
 
 import json
@@ -17,16 +18,19 @@ import pytest
 import tensorflow as tf
 
 import cache_fixtures
+import caching
+import kilt_files
 import neighbour_cache
+
+# Slow, the whole module (caches, trains and generates end to end):
+# not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "..", "shared", "fixtures")
 KILT_DIR = os.path.join(FIXTURES, "kilt_eli5_sample")
 RETRIEVER_CONFIG = os.path.join(FIXTURES, "realm_tf1_hub",
                                 "retriever_config.json")
-SPLIT_FILES = {"train": "eli5-train-kilt.jsonl",
-               "validation": "eli5-dev-kilt.jsonl",
-               "test": "eli5-test_without_answers-kilt.jsonl"}
 NUM_NEIGHBOURS = 4
 # A KILT knowledge source for the fixture corpus's pages ("Snow" left out, to
 # see provenance without a wikipedia_id).
@@ -44,8 +48,8 @@ def _run(script, *args):
 
 
 def _kilt_lines(split):
-  with open(os.path.join(KILT_DIR, SPLIT_FILES[split]), encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [record for _, record in kilt_files.read_jsonl(
+      os.path.join(KILT_DIR, kilt_files.ELI5_SPLIT_FILES[split]), "KILT file")]
 
 
 def _kilt_ids(split):
@@ -60,12 +64,12 @@ def test_real_eli5_lines_are_cached_trained_on_generated_for_and_scored(
   cache_fixtures.write_model_config(str(model_dir), tokenizer, n_positions=128)
   cache_dir, runs_dir = tmp_path / "cache", tmp_path / "runs"
 
-  _run("query_cacher_tfrecord.py", f"--retriever_config_path={RETRIEVER_CONFIG}",
-       f"--dataset_root={KILT_DIR}", f"--output_dir={cache_dir}",
-       f"--num_neighbours={NUM_NEIGHBOURS}", "--search=exact",
-       f"--tokenizer={tokenizer_dir}", "--max_block_tokens=32")
+  caching.cache(caching.CacheConfig(
+      retriever_config_path=RETRIEVER_CONFIG, dataset_root=KILT_DIR,
+      output_dir=str(cache_dir), num_neighbours=NUM_NEIGHBOURS,
+      search="exact", tokenizer=str(tokenizer_dir), max_block_tokens=32))
   manifest = neighbour_cache.read_manifest(str(cache_dir))
-  for split in SPLIT_FILES:
+  for split in kilt_files.ELI5_SPLIT_FILES:
     files = neighbour_cache.split_files(str(cache_dir), manifest, split)
     examples = [neighbour_cache.parse_example(record)
                 for record in tf.data.TFRecordDataset(files)]
@@ -115,7 +119,7 @@ def test_real_eli5_lines_are_cached_trained_on_generated_for_and_scored(
 
   metrics_path = tmp_path / "metrics.json"
   _run("util_scripts/kilt_eval.py",
-       f"--gold={os.path.join(KILT_DIR, SPLIT_FILES['validation'])}",
+       f"--gold={os.path.join(KILT_DIR, kilt_files.ELI5_SPLIT_FILES['validation'])}",
        f"--guess={generations}", f"--output_path={metrics_path}")
   with open(metrics_path, encoding="utf-8") as f:
     metrics = json.load(f)

@@ -8,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+import block_store
 import cache_fixtures
 import neighbour_cache
+import query_embedder
 import retrieval_fixtures
 import retrieval_eval
 import retrievers
@@ -112,6 +114,7 @@ def test_scann_test_recall_cli_writes_json(tmp_path):
   assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]
 
 
+@pytest.mark.slow
 def test_scann_test_recall_on_kilt_questions_and_bad_inputs(tmp_path):
   files = retrieval_fixtures.write_retriever(str(tmp_path / "realm"),
                                              num_blocks=300, dim=8)
@@ -179,6 +182,7 @@ def test_count_records_of_files_and_globs(cache_dir, tmp_path):
   assert counts["total"] == 9
 
 
+@pytest.mark.slow
 def test_count_records_checks_a_cache_against_its_manifest(cache_dir, tmp_path):
   output = tmp_path / "counts.json"
   process = run_script("count_records.py", f"--cache_dir={cache_dir}",
@@ -215,6 +219,7 @@ def test_count_records_refuses_a_truncated_file(cache_dir):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_subset_loads_with_the_real_loaders_and_matches_the_source(tmp_path):
   files = retrieval_fixtures.write_retriever(str(tmp_path / "realm"),
                                              num_blocks=40, dim=8)
@@ -234,14 +239,15 @@ def test_subset_loads_with_the_real_loaders_and_matches_the_source(tmp_path):
   block_emb = retrievers.load_block_embeddings(
       config["query_embedder_path"], 15)
   np.testing.assert_array_equal(block_emb, files["block_emb"][chosen])
-  store = retrievers.BlockStore(config["text_records"], 15,
-                                titles_path=config["title_records"])
+  store = block_store.BlockStore(config["text_records"], 15,
+                                 titles_path=config["title_records"])
   assert store.texts(range(15)) == [files["texts"][i] for i in chosen]
   assert store.titles(range(15)) == [files["titles"][i] for i in chosen]
   questions = ["why is the sky blue", "ice floating"]
+  subset_embedder = query_embedder.QueryEmbedder(config["query_embedder_path"])
   np.testing.assert_allclose(
-      retrievers.QueryEmbedder(config["query_embedder_path"]).embed(questions),
-      retrievers.QueryEmbedder(files["embedder"]).embed(questions))
+      subset_embedder.embed(questions),
+      query_embedder.QueryEmbedder(files["embedder"]).embed(questions))
   assert json.loads((output_dir / "subset.json").read_text())["seed"] == 3
   assert not [name for name in os.listdir(output_dir) if ".tmp-" in name]
 

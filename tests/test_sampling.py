@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import retrievers
+import context_draw
 
 NUM_DRAWS = 100_000
 
@@ -30,8 +30,8 @@ def draw_many(scores, num_samples, temperature, bank_size=None,
   """`num_draws` draws, one per seed (run seed 7, epoch 0, ids 0..n-1)."""
 
   def draw(index):
-    seed = retrievers.example_seed(7, 0, tf.strings.as_string(index))
-    return retrievers.sample_neighbours(scores, num_samples, temperature, seed,
+    seed = context_draw.example_seed(7, 0, tf.strings.as_string(index), 0)
+    return context_draw.sample_neighbours(scores, num_samples, temperature, seed,
                                         bank_size=bank_size)
 
   dataset = tf.data.Dataset.range(num_draws).map(
@@ -111,9 +111,9 @@ def test_a_wrong_law_is_rejected(draws_at_0_7):
 def test_zero_and_tiny_temperature_give_the_top_k():
   scores = tf.constant([0.1, 3.0, -1.0, 2.0, 2.5])
   for index in range(50):
-    seed = retrievers.example_seed(1, 2, str(index))
+    seed = context_draw.example_seed(1, 2, str(index), 0)
     for temperature in (0.0, 1e-4):
-      drawn = retrievers.sample_neighbours(scores, 3, temperature, seed)
+      drawn = context_draw.sample_neighbours(scores, 3, temperature, seed)
       assert drawn.numpy().tolist() == [1, 4, 3]
 
 
@@ -121,8 +121,8 @@ def test_same_seed_same_contexts_other_seed_other_contexts():
   scores = tf.zeros([20])
 
   def draw(run_seed, epoch, example_id):
-    seed = retrievers.example_seed(run_seed, epoch, example_id)
-    return retrievers.sample_neighbours(scores, 5, 1.0, seed).numpy().tolist()
+    seed = context_draw.example_seed(run_seed, epoch, example_id, 0)
+    return context_draw.sample_neighbours(scores, 5, 1.0, seed).numpy().tolist()
 
   assert draw(3, 1, "abc") == draw(3, 1, "abc")
   assert draw(3, 1, "abc") != draw(3, 2, "abc")

@@ -147,22 +147,31 @@ def tokenizer(tmp_path_factory):
 
 
 def test_make_layout_helper_words_and_budget(tokenizer):
-  layout = task_specific.make_layout(
-      tokenizer, sequence_length=64, max_question_tokens=8,
-      max_answer_tokens=8, max_context_tokens=8, use_helper_words=True,
-      context_helper_mode="once")
+  def layout_of(n_positions=1024, **values):
+    return task_specific.make_layout(
+        tokenizer, task_specific.LayoutConfig(**values), n_positions)
+
+  layout = layout_of(sequence_length=64, max_question_tokens=8,
+                     max_answer_tokens=8, max_context_tokens=8,
+                     use_helper_words=True, context_helper_mode="once")
   assert tokenizer.decode(layout.question_helper) == "Question:"
   assert tokenizer.decode(layout.context_helper) == " Context:"
   assert tokenizer.decode(layout.answer_helper) == " Answer:"
   assert layout.eos_id == tokenizer.eos_token_id
-  bare = task_specific.make_layout(
-      tokenizer, sequence_length=17, max_question_tokens=8,
-      max_answer_tokens=8, max_context_tokens=8, use_helper_words=False)
+  assert layout.prompt_length == 64 - 8 - 1
+  bare = layout_of(sequence_length=17, max_question_tokens=8,
+                   max_answer_tokens=8, max_context_tokens=8,
+                   use_helper_words=False)
   assert bare.question_helper == bare.context_helper == bare.answer_helper == ()
+  # 0: the model's n_positions.
+  assert layout_of(n_positions=512, max_answer_tokens=8).sequence_length == 512
   with pytest.raises(utils.UserError, match="exceed the sequence length 16"):
-    task_specific.make_layout(
-        tokenizer, sequence_length=16, max_question_tokens=8,
-        max_answer_tokens=8, max_context_tokens=8, use_helper_words=False)
+    layout_of(sequence_length=16, max_question_tokens=8, max_answer_tokens=8,
+              max_context_tokens=8, use_helper_words=False)
+  with pytest.raises(utils.UserError, match="exceeds the model's n_positions"):
+    layout_of(n_positions=32, sequence_length=64)
+  with pytest.raises(utils.UserError, match="--max_answer_tokens=0: must be"):
+    layout_of(max_answer_tokens=0)
 
 
 def test_load_tokenizer_missing_is_a_user_error(tmp_path):

@@ -41,6 +41,7 @@ def _multi_worker_weights(tmp_path, num_workers=2):
 
 
 @pytest.mark.multiworker
+@pytest.mark.slow
 def test_one_step_gives_identical_weights_under_every_strategy(tmp_path):
   initial = distributed_fixtures.build_model().get_weights()
   reference, reference_loss = distributed_fixtures.train_one_step(
@@ -235,6 +236,7 @@ def test_finiteness_check_names_the_ruined_variables():
 
 
 @pytest.mark.multiworker
+@pytest.mark.slow
 def test_a_missing_worker_is_one_line_within_the_timeout(tmp_path):
   """Issue 13, acceptance 5: a worker whose peer never starts waited
   silently for minutes; now it stops at --cluster_timeout_seconds with one
@@ -255,3 +257,20 @@ def test_a_missing_worker_is_one_line_within_the_timeout(tmp_path):
   assert f"not answering: worker 1 ({workers[1]})" in errors[0]
   assert "--cluster_timeout_seconds=3" in errors[0]
   assert "Traceback" not in result.stderr
+
+
+def test_strategy_from_config_and_task_name(monkeypatch):
+  """The strategy and run-lock task name every entry script derives from its
+  StrategyConfig."""
+  strategy = tf_utils.strategy_from_config(tf_utils.StrategyConfig())
+  assert isinstance(strategy, tf.distribute.OneDeviceStrategy)
+  with pytest.raises(utils.UserError,
+                     match="--num_cpu_devices=0: must be >= 1"):
+    tf_utils.strategy_from_config(tf_utils.StrategyConfig(num_cpu_devices=0))
+  monkeypatch.setenv("TF_CONFIG", json.dumps(
+      {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+       "task": {"type": "worker", "index": 1}}))
+  assert tf_utils.task_name("MultiWorkerMirroredStrategy") == "worker-1"
+  assert tf_utils.task_name("OneDeviceStrategy") is None
+  monkeypatch.delenv("TF_CONFIG")
+  assert tf_utils.task_name("MultiWorkerMirroredStrategy") is None

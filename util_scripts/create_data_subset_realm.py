@@ -33,6 +33,7 @@ import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import block_store  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrievers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tf_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -102,8 +103,8 @@ def create_subset(retriever_config_path, num_blocks, output_dir, seed):
     raise utils.UserError(
         f"--output_dir={output_dir}: already holds a finished subset "
         f"({RETRIEVER_CONFIG_NAME}); choose another directory or delete it")
-  store = retrievers.BlockStore(config["text_records"], num_source_blocks,
-                                titles_path=config["title_records"])
+  store = block_store.BlockStore(config["text_records"], num_source_blocks,
+                                 titles_path=config["title_records"])
   block_emb = retrievers.load_block_embeddings(config["query_embedder_path"],
                                                num_source_blocks)
   chosen = choose_blocks(num_source_blocks, num_blocks, seed)

@@ -8,6 +8,9 @@ modules defining the same flag, e.g. `--output_dir`).
 import os
 import re
 
+import kilt_files
+from util_scripts import demo_world
+
 # Run name -> its shipped train config (configs/train_configs/demo_NAME.json).
 TRAIN_RUNS = ("retrieval", "naked", "random_context")
 # Runs whose greedy generations are scored (random_context's generations
@@ -15,7 +18,7 @@ TRAIN_RUNS = ("retrieval", "naked", "random_context")
 GENERATION_RUNS = ("retrieval", "naked")
 ABLATIONS = ("real", "random", "none")
 EVAL_SPLIT = "validation"
-GOLD_FILE = "eli5-dev-kilt.jsonl"  # KILT's name of the validation split.
+GOLD_FILE = kilt_files.ELI5_SPLIT_FILES[EVAL_SPLIT]
 STAGE_TIMES = "stage_times.json"
 REPORT = "report.md"
 PLOTS = ("training_curves.png", "ablation.png", "lengths.png")
@@ -33,9 +36,13 @@ def generation_path(out, run):
   return os.path.join(paths(out)["generations"], run, "generations.jsonl")
 
 
-# make_demo_data.ANSWER_TEMPLATE, "by {person}, in {year}, city of {city}.",
-# as a pattern (importing the entry script would import its flags).
-_ANSWER = re.compile(r"^by (.+), in (\d+), city of (.+)\.$")
+def _template_pattern(template):
+  """A regex matching what `template.format(...)` writes, a group per field."""
+  pieces = re.split(r"\{\w+\}", template)
+  return re.compile("^" + "(.+)".join(map(re.escape, pieces)) + "$")
+
+
+_ANSWER = _template_pattern(demo_world.ANSWER_TEMPLATE)
 
 
 def answer_facts(answer):

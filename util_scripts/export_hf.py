@@ -42,10 +42,12 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import generation_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-import modeling_tf_gpt2_model_par as modeling  # pylint: disable=g-import-not-at-top,wrong-import-position
+import context_draw  # pylint: disable=g-import-not-at-top,wrong-import-position
+import gpt2_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 import neighbour_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+import run_dir as run_dir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import task_specific  # pylint: disable=g-import-not-at-top,wrong-import-position
+import training  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _FLAG_RUN_DIR = flags.DEFINE_string(
@@ -108,7 +110,8 @@ def transformers_tf_model(model):
   for variable in tf_model.weights:
     # TF Conv1D biases are [1, n], ours [n].
     variable.assign(tf.reshape(
-        weights.pop(modeling.hf_weight_name(variable.name)), variable.shape))
+        weights.pop(gpt2_weights.hf_weight_name(variable.name)),
+        variable.shape))
   assert not weights, f"not in transformers' TF GPT-2: {sorted(weights)}"
   return tf_model
 
@@ -146,12 +149,12 @@ def _data_section(cache_dir):
 
 def _ablation_section(run_dir, step):
   """The run's `ablation_{split}.json` tables as markdown."""
-  paths = sorted(tf.io.gfile.glob(os.path.join(run_dir, "ablation_*.json")))
+  paths = run_dir_lib.ablation_paths(run_dir)
   if not paths:
     return ("No ablation was run (`main.py --task=evaluate` writes "
             "`ablation_{split}.json` into the run directory).")
   sections = ["Answer perplexity by `main.py --task=evaluate`, per split."]
-  for path in paths:
+  for split, path in paths.items():
     table = utils.read_json(path, "ablation table")
     names = [n for n in _ABLATION_ROWS if n in table] + sorted(
         n for n in table if n not in _ABLATION_ROWS)
@@ -165,7 +168,6 @@ def _ablation_section(run_dir, step):
       rows.append((f"{name} ({_ABLATION_ROWS.get(name, name)})",
                    f"{row['answer_ppl']:.4f}", row.get("answer_tokens", "—"),
                    row.get("checkpoint_step", "—")))
-    split = os.path.basename(path)[len("ablation_"):-len(".json")]
     sections += [f"### {split}", _markdown_table(
         ["contexts", "answer perplexity", "answer tokens", "checkpoint step"],
         rows)]
@@ -177,22 +179,21 @@ def _ablation_section(run_dir, step):
   return "\n\n".join(sections)
 
 
-def model_card(run_dir, run_config, step, tokenizer_key):
-  """README.md of the export: what was trained, on what, for how long."""
-  run_flags = run_config["flags"]
-  name = run_flags.get("run_name") or os.path.basename(run_dir.rstrip("/"))
-  if run_flags.get("approach_type") == "naked_lm":
+def model_card(run_dir, run, step, tokenizer_key):
+  """README.md of the export (`run`: the run's TrainConfig): what was
+  trained, on what, for how long."""
+  name = run.run_name or os.path.basename(run_dir.rstrip("/"))
+  if run.approach_type == context_draw.Approach.NAKED_LM:
     task = "without retrieved passages (`Question: … Answer: …`"
   else:
     task = ("from retrieved Wikipedia passages (`Question: … Context: … "
             "Answer: …`")
   facts = [
-      ("base model (`--model_key`)", f"`{run_flags.get('model_key')}`"),
-      ("approach (`--approach_type`)", f"`{run_flags.get('approach_type')}`"),
+      ("base model (`--model_key`)", f"`{run.model_key}`"),
+      ("approach (`--approach_type`)", f"`{run.approach_type}`"),
       ("steps trained", step),
-      ("batch size", run_flags.get("batch_size", "—")),
-      ("contexts per question (`--num_retrievals`)",
-       run_flags.get("num_retrievals", "—")),
+      ("batch size", run.batch_size),
+      ("contexts per question (`--num_retrievals`)", run.num_retrievals),
       ("tokenizer", f"`{tokenizer_key}`"),
       ("run directory", f"`{run_dir}`"),
   ]
@@ -204,7 +205,7 @@ def model_card(run_dir, run_config, step, tokenizer_key):
       f"answer only), exported at training step {step} by "
       "`util_scripts/export_hf.py`.", "",
       _markdown_table(["", ""], facts), "",
-      "## Data", "", _data_section(run_flags.get("cache_dir", "")), "",
+      "## Data", "", _data_section(run.cache_dir or ""), "",
       "## Retrieval ablation", "", _ablation_section(run_dir, step), "",
       "## Loading", "",
       "```python",
@@ -217,8 +218,8 @@ def model_card(run_dir, run_config, step, tokenizer_key):
       "```", ""])
 
 
-def _write_export(directory, model, tokenizer, run_dir, run_config, path,
-                  step, tokenizer_key):
+def _write_export(directory, model, tokenizer, run_dir, run, path, step,
+                  tokenizer_key):
   """Writes every file of the export into the local `directory`."""
   tokenizer.save_pretrained(directory)
   write_pytorch_weights(model, os.path.join(directory, PYTORCH_WEIGHTS_NAME))
@@ -226,7 +227,7 @@ def _write_export(directory, model, tokenizer, run_dir, run_config, path,
   transformers_tf_model(model).save_pretrained(
       directory, safe_serialization=False, max_shard_size=_TF_MAX_SHARD_SIZE)
   utils.atomic_write_text(os.path.join(directory, MODEL_CARD_NAME),
-                          model_card(run_dir, run_config, step, tokenizer_key))
+                          model_card(run_dir, run, step, tokenizer_key))
   files = sorted(os.listdir(directory) + [MARKER_NAME])
   utils.atomic_write_json(os.path.join(directory, MARKER_NAME),
                           {"run_dir": run_dir, "checkpoint": path,
@@ -266,14 +267,14 @@ def _publish_remote(staging, output_dir):
 def export(run_dir, output_dir, tokenizer_key=None):
   """Writes the run's latest checkpoint to `output_dir`; returns its step."""
   check_output_dir(output_dir)
-  run_config = generation_lib.read_run_config(run_dir)
-  tokenizer_key = tokenizer_key or generation_lib.run_tokenizer_key(run_config)
+  run_config, run = training.read_run(run_dir)
+  model, path, step = run_dir_lib.load_model(run_dir, run_config)
+  tokenizer_key = tokenizer_key or run_dir_lib.tokenizer_dir(run_dir,
+                                                             run_config)
   tokenizer = task_specific.load_tokenizer(tokenizer_key)
-  model, path, step = generation_lib.restore_run_model(run_dir, run_config,
-                                                       tokenizer)
   write = functools.partial(
       _write_export, model=model, tokenizer=tokenizer, run_dir=run_dir,
-      run_config=run_config, path=path, step=step, tokenizer_key=tokenizer_key)
+      run=run, path=path, step=step, tokenizer_key=tokenizer_key)
   if "://" in output_dir:
     with tempfile.TemporaryDirectory() as staging:
       write(staging)

@@ -28,14 +28,15 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import block_store  # pylint: disable=g-import-not-at-top
+import kilt_files  # pylint: disable=g-import-not-at-top
 import kilt_metrics  # pylint: disable=g-import-not-at-top
 import neighbour_cache  # pylint: disable=g-import-not-at-top
-import retrievers  # pylint: disable=g-import-not-at-top
 import utils  # pylint: disable=g-import-not-at-top
 
 _FLAG_GOLD = flags.DEFINE_string(
-    "gold", None, "KILT gold jsonl with answers (e.g. eli5-dev-kilt.jsonl); "
-    "required.")
+    "gold", None, "KILT gold jsonl with answers (e.g. "
+    f"{kilt_files.ELI5_SPLIT_FILES['validation']}); required.")
 _FLAG_GUESS = flags.DEFINE_string(
     "guess", None, "KILT-format guess jsonl (one {'id', 'output': "
     "[{'answer', 'provenance'}]} per line), e.g. generation.py's output. "
@@ -100,7 +101,7 @@ def _score_cache():
     raise utils.UserError(
         f"{cache_dir}: the manifest has no titles_path, and the title map "
         "needs block titles; give --titles_path (REALM's titles.tfr)")
-  blocks = retrievers.BlockStore(
+  blocks = block_store.BlockStore(
       _FLAG_BLOCKS_PATH.value or manifest["blocks_path"],
       manifest["num_blocks"], titles_path=titles_path)
   cache_name = f"{cache_dir} (split {_FLAG_SPLIT.value})"

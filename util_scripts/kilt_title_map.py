@@ -21,13 +21,14 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import kilt_files  # pylint: disable=g-import-not-at-top
 import kilt_metrics  # pylint: disable=g-import-not-at-top
 import utils  # pylint: disable=g-import-not-at-top
 
 _FLAG_KNOWLEDGE_SOURCE = flags.DEFINE_string(
     "knowledge_source", None,
-    "KILT's knowledge source, kilt_knowledgesource.json (one JSON page a "
-    "line; local or gs://); required.")
+    f"KILT's knowledge source, {kilt_files.KNOWLEDGE_SOURCE_FILE} (one JSON "
+    "page a line; local or gs://); required.")
 _FLAG_OUTPUT_PATH = flags.DEFINE_string(
     "output_path", None,
     "Where to write the {title: wikipedia_id} JSON map; required.")
@@ -36,15 +37,12 @@ _FLAG_OUTPUT_PATH = flags.DEFINE_string(
 def main(argv):
   if not _FLAG_KNOWLEDGE_SOURCE.value:
     raise utils.UserError(
-        "--knowledge_source is required (KILT's kilt_knowledgesource.json)")
+        "--knowledge_source is required (KILT's "
+        f"{kilt_files.KNOWLEDGE_SOURCE_FILE})")
   if not _FLAG_OUTPUT_PATH.value:
     raise utils.UserError("--output_path is required (the title map .json)")
-  title_map, counts = kilt_metrics.title_map_from_knowledge_source(
-      _FLAG_KNOWLEDGE_SOURCE.value)
-  parent = os.path.dirname(_FLAG_OUTPUT_PATH.value)
-  if parent:
-    utils.makedirs(parent)
-  utils.atomic_write_json(_FLAG_OUTPUT_PATH.value, title_map)
+  counts = kilt_metrics.write_title_map(_FLAG_KNOWLEDGE_SOURCE.value,
+                                       _FLAG_OUTPUT_PATH.value)
   print(f"wrote {counts['num_titles']} titles of {counts['num_pages']} pages "
         f"to {_FLAG_OUTPUT_PATH.value}; {counts['num_duplicate_titles']} "
         "pages repeat an earlier page's title (the first page kept), "

@@ -6,28 +6,37 @@ make_demo_data.py -> query_cacher_tfrecord.py (exact search) -> main.py trains
 the same small GPT-2 three ways (retrieval, naked, random contexts) -> main.py
 --task=evaluate (the retrieval ablation on the validation split) ->
 generation.py (greedy) + KILT metrics for the retrieval and naked runs ->
-OUT/report.md with the table and PNG plots. Every stage runs the same entry
-script a user would, through the shipped configs; a stage whose output exists
-is reused (delete it to redo the stage), and its time is the one measured
-when it ran (OUT/stage_times.json).
+OUT/report.md with the table and PNG plots. Every stage makes, in this one
+process, the library call of the entry script a user would run
+(demo_world.build_world, caching.cache, training.train / training.evaluate,
+generation_lib.generate) with the shipped configs; a stage whose output
+exists is reused (delete it to redo the stage), and its time is the one
+measured when it ran (OUT/stage_times.json).
 
 Layout: OUT/world, OUT/cache, OUT/runs/{retrieval,naked,random_context},
 OUT/generations/{retrieval,naked}/{generations.jsonl,kilt_metrics.json},
 OUT/report.md, OUT/*.png.
 """
 
-import json
+import functools
 import os
-import subprocess
 import sys
 import time
+import typing
 
 from absl import flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
+import caching  # pylint: disable=g-import-not-at-top,wrong-import-position
+import generation_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+import kilt_files  # pylint: disable=g-import-not-at-top,wrong-import-position
+import kilt_metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
+import settings  # pylint: disable=g-import-not-at-top,wrong-import-position
+import training  # pylint: disable=g-import-not-at-top,wrong-import-position
 from util_scripts import demo_layout  # pylint: disable=g-import-not-at-top,wrong-import-position
+from util_scripts import demo_world  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _FLAG_OUTPUT_DIR = flags.DEFINE_string(
@@ -59,109 +68,139 @@ _FLAG_WARMUP_STEPS = flags.DEFINE_integer(
     "the demo train configs'.")
 
 
+def _given(values):
+  """`values` without its None entries: a setting left at its default."""
+  return {name: value for name, value in values.items() if value is not None}
 
-def _script(name):
-  return os.path.join(_REPO, name)
+
+def _shipped_config(name, overrides):
+  """(path, flat settings) of configs/NAME with `overrides` on top.
+
+  As `$(json_to_args.py configs/NAME) --flag=value ...` gives them to an
+  entry script: a null, in the file or in `overrides`, leaves the setting as
+  it is.
+  """
+  path = os.path.join(_REPO, "configs", name)
+  return path, {**_given(utils.read_json(path, "config file")),
+                **_given(overrides)}
 
 
-def _optional(flag_name, value):
-  return [] if value is None else [f"--{flag_name}={value}"]
+def _training_task(task, run, overrides):
+  """`task` (training.train or training.evaluate) of a demo run's config."""
+  path, values = _shipped_config(f"train_configs/demo_{run}.json", overrides)
+  # main.py's own flag: the stage says whether it trains or evaluates.
+  values.pop("task", None)
+  task(settings.from_flat(training.TrainConfig, values, path))
+
+
+def _build_world(world_dir):
+  started = time.time()
+  world = demo_world.build_world(world_dir, seed=_FLAG_SEED.value, **_given({
+      "num_train": _FLAG_NUM_TRAIN.value,
+      "num_validation": _FLAG_NUM_VALIDATION.value,
+      "num_test": _FLAG_NUM_TEST.value,
+      "num_distractor_blocks": _FLAG_NUM_DISTRACTOR_BLOCKS.value,
+      "gpt2_vocab_size": _FLAG_GPT2_VOCAB_SIZE.value}))
+  for line in demo_world.summary_lines(world, time.time() - started):
+    print(line, flush=True)
+
+
+def _cache(world, cache):
+  path, values = _shipped_config("query_cacher_configs/demo.json", {
+      "retriever_config_path": os.path.join(world, "retriever_config.json"),
+      "dataset_root": os.path.join(world, "kilt"), "output_dir": cache,
+      "search": "exact", "tokenizer": os.path.join(world, "tokenizer"),
+      "num_neighbours": _FLAG_NUM_NEIGHBOURS.value})
+  caching.cache(settings.from_flat(caching.CacheConfig, values, path))
+
+
+def _generate(run_dir, output_path, title_map, gold_path):
+  path, values = _shipped_config("generation_configs/demo_greedy.json", {
+      "run_dir": run_dir, "split": demo_layout.EVAL_SPLIT,
+      "output_path": output_path, "evaluate": True,
+      "kilt_title_map": title_map, "gold_path": gold_path})
+  generation_lib.generate(generation_lib.config_from_flat(values, path))
+
+
+class Stage(typing.NamedTuple):
+  """One step of the demo."""
+  name: str
+  library_call: str  # What the stage runs, as its progress line names it.
+  run: typing.Callable[[], object]
+  done_marker: str  # The output whose existence means the stage is done.
 
 
 def _stages(out):
-  """(name, script, args, output that marks the stage done), in order.
-
-  Args starting with `--config FILE` are expanded by json_to_args.py; flags
-  after it override the config (absl keeps the last value).
-  """
+  """The demo's stages, in order; each runs the library call of the entry
+  script a user would run, with the shipped config and these overrides."""
   paths = demo_layout.paths(out)
   world, cache, runs = paths["world"], paths["cache"], paths["runs"]
-  world_sizes = (
-      _optional("num_train", _FLAG_NUM_TRAIN.value) +
-      _optional("num_validation", _FLAG_NUM_VALIDATION.value) +
-      _optional("num_test", _FLAG_NUM_TEST.value) +
-      _optional("num_distractor_blocks", _FLAG_NUM_DISTRACTOR_BLOCKS.value) +
-      _optional("gpt2_vocab_size", _FLAG_GPT2_VOCAB_SIZE.value))
   stages = [
-      ("world", "util_scripts/make_demo_data.py",
-       [f"--output_dir={world}", f"--seed={_FLAG_SEED.value}", *world_sizes],
-       os.path.join(world, "world.json")),
-      ("cache", "query_cacher_tfrecord.py",
-       ["--config", "configs/query_cacher_configs/demo.json",
-        f"--retriever_config_path={world}/retriever_config.json",
-        f"--dataset_root={world}/kilt", f"--output_dir={cache}",
-        "--search=exact", f"--tokenizer={world}/tokenizer",
-        *_optional("num_neighbours", _FLAG_NUM_NEIGHBOURS.value)],
-       os.path.join(cache, "manifest.json")),
+      Stage("world", "demo_world.build_world",
+            functools.partial(_build_world, world),
+            os.path.join(world, "world.json")),
+      Stage("cache", "caching.cache", functools.partial(_cache, world, cache),
+            os.path.join(cache, "manifest.json")),
       # KILT names provenance pages by wikipedia_id: map the corpus's titles
       # to them from the world's knowledge source, as for the real data.
-      ("title map", "util_scripts/kilt_title_map.py",
-       [f"--knowledge_source={world}/kilt/kilt_knowledgesource.json",
-        f"--output_path={paths['title_map']}"],
-       paths["title_map"]),
+      Stage("title map", "kilt_metrics.write_title_map",
+            functools.partial(
+                kilt_metrics.write_title_map,
+                os.path.join(world, "kilt", kilt_files.KNOWLEDGE_SOURCE_FILE),
+                paths["title_map"]),
+            paths["title_map"]),
   ]
-  run_flags = {
-      run: ["--config", f"configs/train_configs/demo_{run}.json",
-            f"--model_key={world}/model_config", f"--cache_dir={cache}",
-            f"--output_dir={runs}", f"--run_name={run}",
-            f"--random_seed={_FLAG_SEED.value}",
-            *_optional("max_steps", _FLAG_MAX_STEPS.value),
-            *_optional("warmup_steps", _FLAG_WARMUP_STEPS.value)]
-      for run in demo_layout.TRAIN_RUNS}
+  run_overrides = {
+      "model_key": os.path.join(world, "model_config"), "cache_dir": cache,
+      "output_dir": runs, "random_seed": _FLAG_SEED.value,
+      "max_steps": _FLAG_MAX_STEPS.value,
+      "warmup_steps": _FLAG_WARMUP_STEPS.value}
   for run in demo_layout.TRAIN_RUNS:
-    stages.append((f"train {run}", "main.py", run_flags[run],
-                   os.path.join(runs, run, "done.json")))
+    stages.append(Stage(
+        f"train {run}", "training.train",
+        functools.partial(_training_task, training.train, run,
+                          dict(run_overrides, run_name=run)),
+        os.path.join(runs, run, "done.json")))
   for run in demo_layout.TRAIN_RUNS:
-    stages.append((f"evaluate {run}", "main.py",
-                   # The whole split: training evaluates only a few batches.
-                   run_flags[run] + ["--task=evaluate",
-                                     f"--eval_split={demo_layout.EVAL_SPLIT}",
-                                     "--number_eval_batches=0"],
-                   os.path.join(runs, run, f"ablation_{demo_layout.EVAL_SPLIT}.json")))
+    # The whole split: training evaluates only a few batches.
+    stages.append(Stage(
+        f"evaluate {run}", "training.evaluate",
+        functools.partial(_training_task, training.evaluate, run, dict(
+            run_overrides, run_name=run, eval_split=demo_layout.EVAL_SPLIT,
+            number_eval_batches=0)),
+        os.path.join(runs, run, f"ablation_{demo_layout.EVAL_SPLIT}.json")))
   for run in demo_layout.GENERATION_RUNS:
     output = demo_layout.generation_path(out, run)
-    stages.append((
-        f"generate {run}", "generation.py",
-        ["--config", "configs/generation_configs/demo_greedy.json",
-         f"--run_dir={os.path.join(runs, run)}", f"--split={demo_layout.EVAL_SPLIT}",
-         f"--output_path={output}", "--evaluate",
-         f"--kilt_title_map={paths['title_map']}",
-         f"--gold_path={os.path.join(world, 'kilt', demo_layout.GOLD_FILE)}"],
+    stages.append(Stage(
+        f"generate {run}", "generation_lib.generate",
+        functools.partial(
+            _generate, os.path.join(runs, run), output, paths["title_map"],
+            os.path.join(world, "kilt", demo_layout.GOLD_FILE)),
         os.path.join(os.path.dirname(output), "kilt_metrics.json")))
   return stages
 
 
-def _command(script, args):
-  """A stage's command line; `--config FILE` expands through json_to_args."""
-  command = [sys.executable, _script(script)]
-  if args[:1] == ["--config"]:
-    expanded = subprocess.run(
-        [sys.executable, _script("json_to_args.py"), _script(args[1])],
-        check=True, capture_output=True, text=True).stdout.split()
-    command += expanded
-    args = args[2:]
-  return command + args
-
-
 def run_stages(out):
-  """Runs every stage not done yet; returns {stage: seconds it took}."""
+  """Runs every stage not done yet, in this process; returns {stage: seconds
+  it took}."""
   times_path = os.path.join(out, demo_layout.STAGE_TIMES)
   times = utils.read_json(times_path) if os.path.exists(times_path) else {}
   stages = _stages(out)
-  for number, (name, script, args, done_marker) in enumerate(stages, 1):
-    prefix = f"[demo {number}/{len(stages)}] {name}"
-    if os.path.exists(done_marker):
-      print(f"{prefix}: reused ({done_marker})", flush=True)
+  for number, stage in enumerate(stages, 1):
+    prefix = f"[demo {number}/{len(stages)}] {stage.name}"
+    if os.path.exists(stage.done_marker):
+      print(f"{prefix}: reused ({stage.done_marker})", flush=True)
       continue
-    print(f"{prefix}: running {script}", flush=True)
+    print(f"{prefix}: running {stage.library_call}", flush=True)
     started = time.time()
-    result = subprocess.run(_command(script, args), cwd=_REPO)
-    if result.returncode != 0:
-      raise utils.UserError(f"stage {name!r} failed ({script} exited "
-                            f"{result.returncode}); rerun to resume")
-    times[name] = round(time.time() - started, 1)
+    try:
+      stage.run()
+    except utils.UserError as error:
+      raise utils.UserError(
+          f"stage {stage.name!r} failed: {error}; rerun to resume") from error
+    times[stage.name] = round(time.time() - started, 1)
     utils.atomic_write_json(times_path, times)
-    print(f"{prefix}: done in {times[name]:.0f} s", flush=True)
+    print(f"{prefix}: done in {times[stage.name]:.0f} s", flush=True)
   return times
 
 
@@ -170,14 +209,8 @@ def run_stages(out):
 # ---------------------------------------------------------------------------
 
 
-def read_jsonl(path):
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def collect_results(out):
   """{run: {"steps", "ablation": {name: ppl}, "generation": {...} or None}}."""
-  import kilt_metrics  # pylint: disable=g-import-not-at-top
   paths = demo_layout.paths(out)
   gold_records = kilt_metrics.read_gold(
       os.path.join(paths["world"], "kilt", demo_layout.GOLD_FILE))
@@ -249,7 +282,10 @@ def acceptance_lines(results):
 
 def _metrics_lines(run_dir):
   path = os.path.join(run_dir, "metrics.jsonl")
-  return read_jsonl(path) if os.path.exists(path) else []
+  if not os.path.exists(path):
+    return []
+  return [record for _, record in
+          kilt_files.read_jsonl(path, "training metrics")]
 
 
 def plot_training_curves(out, path):
@@ -323,8 +359,8 @@ def write_report(out, times):
   world = utils.read_json(os.path.join(demo_layout.paths(out)["world"], "world.json"))
   # In stage order (stage_times.json is sorted by name), so the total sums
   # the same floats in the same order on every run.
-  stage_times = [(name, times[name]) for name, _, _, _ in _stages(out)
-                 if name in times]
+  stage_times = [(stage.name, times[stage.name]) for stage in _stages(out)
+                 if stage.name in times]
   stage_rows = "\n".join(f"| {name} | {seconds:.0f} |"
                          for name, seconds in stage_times)
   text = "\n".join([

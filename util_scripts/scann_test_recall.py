@@ -25,7 +25,8 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kilt_metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
+import kilt_files  # pylint: disable=g-import-not-at-top,wrong-import-position
+import query_embedder  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrieval_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrievers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -98,19 +99,6 @@ def load_queries_npy(path, dim):
   return queries.astype(np.float32)
 
 
-def kilt_questions(path):
-  """Each line's `input` in a KILT jsonl file (UserError if one lacks it)."""
-  questions = []
-  for line_number, record in kilt_metrics.read_jsonl(path, "KILT file"):
-    if not isinstance(record.get("input"), str):
-      raise utils.UserError(f"{path}: line {line_number}: no string 'input' "
-                            "(the question)")
-    questions.append(record["input"])
-  if not questions:
-    raise utils.UserError(f"{path}: no questions")
-  return questions
-
-
 def _positive(**values):
   for name, value in values.items():
     if value < 1:
@@ -159,9 +147,10 @@ def database_and_queries():
     return database, queries, {
         "kind": "queries_npy", "queries_npy": _FLAG_QUERIES_NPY.value,
         "retriever_config_path": _FLAG_RETRIEVER_CONFIG_PATH.value}
-  questions = kilt_questions(_FLAG_KILT_PATH.value)
+  questions = [question for _, question, _ in
+               kilt_files.eli5_questions(_FLAG_KILT_PATH.value)]
   sample = sample_rows(len(questions), _FLAG_NUM_QUERIES.value, seed)
-  embedder = retrievers.QueryEmbedder(config["query_embedder_path"])
+  embedder = query_embedder.QueryEmbedder(config["query_embedder_path"])
   queries = embedder.embed([questions[index] for index in sample])
   if queries.shape[1] != database.shape[1]:
     raise utils.UserError(

@@ -1,0 +1,83 @@
+"""Which cached neighbours an example sees: the approach, the seed, the draw.
+
+One owner for training (`task_specific.make_example_fn`), evaluation and
+generation (`generation_lib`): the same example, epoch and answer always
+draw the same contexts, so generation sees what the run's evaluation saw and
+a resumed run sees what an uninterrupted one would. Plain TensorFlow ops;
+knows nothing about GPT-2 or the retriever.
+"""
+
+import enum
+
+import numpy as np
+import tensorflow as tf
+
+
+class Approach(str, enum.Enum):
+  """How a question gets its contexts (the value is the flag's spelling)."""
+  NAKED_LM = "naked_lm"  # No contexts.
+  CACHED_PRETOK = "cached_pretok"  # Drawn from its cached neighbours.
+  RANDOM_CONTEXT = "random_context"  # Drawn from another question's.
+
+  def __str__(self):
+    return self.value
+
+
+APPROACHES = tuple(approach.value for approach in Approach)
+# Evaluation and generation read each split once, as epoch 0, first answer.
+EVALUATION_EPOCH = 0
+
+
+def example_seed(run_seed, epoch, example_id, answer_index):
+  """A stateless-RNG seed from (run seed, epoch, KILT id, answer index)."""
+  id_hash = tf.strings.to_hash_bucket_fast(example_id, 2**31 - 1)
+  seed = tf.stack([tf.cast(run_seed, tf.int64), tf.cast(epoch, tf.int64)])
+  return tf.random.experimental.stateless_fold_in(
+      tf.random.experimental.stateless_fold_in(seed, id_hash),
+      tf.cast(answer_index, tf.int64))
+
+
+def dropout_seed(seed):
+  """The example's dropout seed: independent of its draw's."""
+  return tf.random.experimental.stateless_fold_in(seed, 1)
+
+
+def sample_neighbours(neighbour_scores, num_samples, temperature, seed,
+                      bank_size=None):
+  """Indices of `num_samples` neighbours drawn without replacement.
+
+  Gumbel-top-k: adding independent Gumbel noise to `scores / temperature` and
+  keeping the k largest is an exact draw, without replacement, from the
+  softmax over `scores / temperature` (the Plackett-Luce model).
+  `temperature == 0` keeps the top k by score. Only the first `bank_size`
+  neighbours (the best by score) are eligible when it is given.
+
+  Args:
+    neighbour_scores: float [N], one question's neighbour scores.
+    num_samples: k; at most N (or bank_size).
+    temperature: float scalar >= 0.
+    seed: int [2], e.g. from `example_seed`.
+    bank_size: optional int, restricts the draw to the first bank_size.
+
+  Returns:
+    int32 [k], indices into `neighbour_scores`, in the order drawn.
+  """
+  scores = tf.convert_to_tensor(neighbour_scores, tf.float32)
+  if bank_size is not None:
+    scores = scores[:bank_size]
+  temperature = tf.convert_to_tensor(temperature, tf.float32)
+  uniform = tf.random.stateless_uniform(
+      tf.shape(scores), seed, minval=np.finfo(np.float32).tiny, maxval=1.0)
+  gumbel = -tf.math.log(-tf.math.log(uniform))
+  keys = tf.cond(temperature > 0.0,
+                 lambda: scores / temperature + gumbel,
+                 lambda: scores)
+  return tf.math.top_k(keys, k=num_samples, sorted=True).indices
+
+
+def draw(neighbour_scores, config, seed):
+  """The indices of the contexts `config` (a `task_specific.DataConfig`)
+  draws for one example, in the order drawn."""
+  return sample_neighbours(
+      neighbour_scores, config.num_retrievals, config.retrieval_temperature,
+      seed, bank_size=config.retrieval_bank_size or None)
