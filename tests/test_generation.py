@@ -3,7 +3,7 @@
 In-process through the library; generation.py runs as a subprocess only for
 what the command line alone shows (exit 2 with one line, kill -9 and resume,
 the lock between jobs). The fixture is real: a demo world
-(make_demo_data.py), its neighbour cache (query_cacher_tfrecord.py) and a run
+(`demo_world.build_world`), its neighbour cache (`caching.cache`) and a run
 trained for a few steps (`training.train`).
 """
 
@@ -28,6 +28,7 @@ import settings
 import task_specific
 import training
 import utils
+from util_scripts import demo_world
 
 # Slow, the whole module (a trained run and generation subprocesses):
 # not in `make test-fast`.
@@ -74,9 +75,9 @@ def fixture_world(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("generation"))
   paths = {name: os.path.join(root, name)
            for name in ("world", "cache", "runs")}
-  run_ok("util_scripts/make_demo_data.py", f"--output_dir={paths['world']}",
-         "--num_train=40", f"--num_validation={NUM_VALIDATION}",
-         "--num_test=3", "--num_distractor_blocks=20", "--gpt2_vocab_size=300")
+  demo_world.build_world(paths["world"], num_train=40,
+                         num_validation=NUM_VALIDATION, num_test=3,
+                         num_distractor_blocks=20, gpt2_vocab_size=300)
   world = paths["world"]
   paths.update(tokenizer=os.path.join(world, "tokenizer"),
                gold=os.path.join(world, "kilt", "eli5-dev-kilt.jsonl"))
