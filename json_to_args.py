@@ -17,6 +17,7 @@ import sys
 
 from absl import flags
 
+import settings
 import utils
 
 SCRIPT_FOR_CONFIG_DIR = {
@@ -33,14 +34,6 @@ _FLAG_SCRIPT = flags.DEFINE_string(
 _FLAG_CHECK = flags.DEFINE_bool(
     "check", False,
     "Only validate the configs given (any number) against their scripts.")
-
-
-def load_config(path):
-  """A config file's flat JSON object (local or gs://)."""
-  config = utils.read_json(path, "config file")
-  if not isinstance(config, dict):
-    raise utils.UserError(f"{path}: expected a JSON object of flag values")
-  return config
 
 
 def _scalar_text(path, key, value):
@@ -120,7 +113,7 @@ def main(argv):
     raise utils.UserError("several configs need --check; give one to convert")
   flag_names_by_script = {}
   for path in paths:
-    config = load_config(path)
+    config = settings.read_flat_config(path)
     script = _FLAG_SCRIPT.value or script_for_config(path)
     if script not in flag_names_by_script:
       flag_names_by_script[script] = script_flag_names(script)

@@ -76,6 +76,15 @@ def from_flat(config_type, values, where):
   return _build(config_type, values)
 
 
+def read_flat_config(path):
+  """A JSON config file's flat object {flag name: value} (local or gs://),
+  as `configs/` holds them."""
+  config = utils.read_json(path, "config file")
+  if not isinstance(config, dict):
+    raise utils.UserError(f"{path}: expected a JSON object of flag values")
+  return config
+
+
 def _build(config_type, values):
   types = field_types(config_type)
   arguments = {}

@@ -150,6 +150,15 @@ def read_run(run_dir):
       run_directory.path(run_dir, run_directory.CONFIG_NAME))
 
 
+def config_from_values(values, where):
+  """The TrainConfig of a train config's flat values (configs/train_configs/)
+  as main.py gets them through json_to_args.py: a null leaves the setting's
+  default, and `task` is main.py's own flag, not a setting."""
+  return settings.from_flat(
+      TrainConfig, {name: value for name, value in values.items()
+                    if name != "task" and value is not None}, where)
+
+
 # Settings a resumed run may change freely: they say how the run is watched,
 # stored or spread over devices (one device, replicas, micro-batches and a
 # model split give the same update), not what it computes. Every other
@@ -295,12 +304,11 @@ class Setup:
     neighbour_cache.check_manifest(self.manifest, self.cache_dir, split=split)
     return neighbour_cache.split_files(self.cache_dir, self.manifest, split)
 
-  def check_run_config(self, *, compare_settings):
-    """Checks config.json against this job; nothing is written here.
+  def check_run_config(self):
+    """Checks config.json against this training job; nothing is written here.
 
-    The model config must be the run's. `compare_settings` (training): a
-    setting that changes the run must also be the run's, unless
-    allow_changed_settings.
+    The model config must be the run's, and a setting that changes the run
+    must be the run's too, unless allow_changed_settings.
 
     Returns:
       (the config.json to write, or None when it stays as it is; the changed
@@ -319,8 +327,6 @@ class Setup:
       raise utils.UserError(
           f"{config_path}: the run directory was made with another model "
           f"config ({'; '.join(differences)}); use another --run_name")
-    if not compare_settings:
-      return None, {}
     changed = _changed_settings(stored["flags"], current)
     free = _FREE_ON_RESUME | (
         _STOP_SETTINGS if self.config.learning_rate_schedule == "constant"
@@ -624,7 +630,7 @@ def _train(setup):
   if setup.config.batches_between_evals:
     _check_split_has_answers(setup, setup.config.eval_split,
                              "the periodic evaluation (--batches_between_evals)")
-  run_config, changed_settings = setup.check_run_config(compare_settings=True)
+  run_config, changed_settings = setup.check_run_config()
   metrics = _Metrics(
       run_directory.path(setup.run_dir, run_directory.METRICS_NAME),
       setup.is_chief)
@@ -833,7 +839,6 @@ def _evaluate(setup):
   configs = {name: setup.data_config(approach,
                                      setup.config.eval_retrieval_temperature)
              for name, approach in ABLATIONS.items()}
-  setup.check_run_config(compare_settings=False)
   _, step = run_directory.restore_model(setup.run_dir, setup.model)
   evaluate = make_eval_fn(setup)
   table = {}

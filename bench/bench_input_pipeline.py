@@ -45,13 +45,10 @@ _WARMUP_BATCHES = 3
 
 def main(argv):
   del argv
-  # The train config's settings, the rest training's defaults; `task` is
-  # main.py's own flag, not a setting.
-  values = utils.read_json(_FLAG_TRAIN_CONFIG.value, "train config")
-  config = settings.from_flat(
-      training.TrainConfig,
-      {name: value for name, value in values.items()
-       if name != "task" and value is not None}, _FLAG_TRAIN_CONFIG.value)
+  # The train config's settings, the rest training's defaults.
+  config = training.config_from_values(
+      settings.read_flat_config(_FLAG_TRAIN_CONFIG.value),
+      _FLAG_TRAIN_CONFIG.value)
   manifest = neighbour_cache.read_manifest(_FLAG_CACHE_DIR.value)
   tokenizer = task_specific.load_tokenizer(
       config.tokenizer or manifest["tokenizer"])

@@ -27,6 +27,7 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 
 import json_to_args
+import settings
 import utils
 
 # Slow, the whole module (every entry script's --helpxml, one TensorFlow start-up each):
@@ -451,7 +452,7 @@ class Checker:
       self._problem(where, f"{config_path} does not exist")
       return
     try:
-      config = json_to_args.load_config(full)
+      config = settings.read_flat_config(full)
       target = (os.path.join(REPO, target) if target else
                 json_to_args.script_for_config(full))
     except utils.UserError as error:

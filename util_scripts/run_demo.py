@@ -81,16 +81,14 @@ def _shipped_config(name, overrides):
   it is.
   """
   path = os.path.join(_REPO, "configs", name)
-  return path, {**_given(utils.read_json(path, "config file")),
+  return path, {**_given(settings.read_flat_config(path)),
                 **_given(overrides)}
 
 
 def _training_task(task, run, overrides):
   """`task` (training.train or training.evaluate) of a demo run's config."""
   path, values = _shipped_config(f"train_configs/demo_{run}.json", overrides)
-  # main.py's own flag: the stage says whether it trains or evaluates.
-  values.pop("task", None)
-  task(settings.from_flat(training.TrainConfig, values, path))
+  task(training.config_from_values(values, path))
 
 
 def _build_world(world_dir):
