@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(PY) check_flags.py .
 
-# Two test processes (pytest-xdist), a test module per process at a time so
-# that module fixtures are built once.
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+# Two test processes (pytest-xdist). tests/conftest.py makes each test module
+# one scope (its module fixtures built once) but for the modules whose tests
+# are each long, and puts the longest modules first; xdist hands the scopes
+# out in that order.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 test: lint
 	$(PYTEST) tests

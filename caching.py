@@ -338,6 +338,7 @@ def _check_config(config):
                           f"{', '.join(retrievers.SEARCH_KINDS)}")
   query_embedder.check_max_query_length(config.max_query_length,
                                         "--max_query_length")
+  utils.check_output_path(config.output_dir, "--output_dir", directory=True)
 
 
 def _search_description(config):

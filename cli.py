@@ -12,9 +12,11 @@ the calling script's own, as if it had defined them: they are listed by
 import dataclasses
 import sys
 
+from absl import app
 from absl import flags
 
 import settings
+import utils
 
 
 def _defining_module_name():
@@ -93,3 +95,20 @@ def define_flags(config_type, *, overriding=None, exclude=()):
     exclude: flag names not to define (the script fixes them).
   """
   return FlagGroup(config_type, overriding, exclude, _defining_module_name())
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad flag (unknown, mistyped, not a choice)
+  reported as one line on stderr and exit 2, as every other bad input."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    message = " ".join(str(error).split())
+    sys.stderr.write(f"error: {message} (--helpfull lists the flags)\n")
+    sys.exit(utils.USER_ERROR_EXIT_CODE)
+
+
+def run(main, takes_arguments=False):
+  """`absl.app.run(main)` for an entry script: bad input, a bad flag
+  included, is one line on stderr and exit 2 (`utils.guarded`)."""
+  app.run(utils.guarded(main, takes_arguments), flags_parser=parse_flags)

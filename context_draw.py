@@ -24,6 +24,35 @@ class Approach(str, enum.Enum):
 
 
 APPROACHES = tuple(approach.value for approach in Approach)
+
+
+class Condition(str, enum.Enum):
+  """An evaluation's context condition (the value is `--conditions`' spelling).
+
+  The same checkpoint and examples are scored under each; a model that reads
+  its contexts does better with `real`/`top_k`/`gold` than with `none`, and
+  worse with `random`/`distractor`; `shuffled` shows whether the order
+  matters; `counterfactual` (a question with a passage whose facts were
+  swapped, scored on the swapped answer) whether it follows what it reads.
+  """
+  REAL = "real"  # Drawn as the run evaluates (--eval_retrieval_temperature).
+  TOP_K = "top_k"  # The k best by score, best first.
+  RANDOM = "random"  # Drawn from another question's neighbours.
+  NONE = "none"  # No contexts.
+  SHUFFLED = "shuffled"  # `real`'s contexts in a random order.
+  DISTRACTOR = "distractor"  # Ranks offset .. offset + k - 1 of the neighbours.
+  GOLD = "gold"  # The question's gold passages (a contexts file).
+  COUNTERFACTUAL = "counterfactual"  # Swapped-facts passages and answers.
+  COUNTERFACTUAL_NONE = "counterfactual_none"  # The same answers, no context.
+
+  def __str__(self):
+    return self.value
+
+
+CONDITIONS = tuple(condition.value for condition in Condition)
+# What every neighbour cache supports; the others need a deeper cache
+# (distractor) or a contexts file (gold, counterfactual).
+DEFAULT_CONDITIONS = ("real", "top_k", "random", "none", "shuffled")
 # Evaluation and generation read each split once, as epoch 0, first answer.
 EVALUATION_EPOCH = 0
 
@@ -77,7 +106,26 @@ def sample_neighbours(neighbour_scores, num_samples, temperature, seed,
 
 def draw(neighbour_scores, config, seed):
   """The indices of the contexts `config` (a `task_specific.DataConfig`)
-  draws for one example, in the order drawn."""
-  return sample_neighbours(
-      neighbour_scores, config.num_retrievals, config.retrieval_temperature,
-      seed, bank_size=config.retrieval_bank_size or None)
+  draws for one example, in the order drawn.
+
+  The first `config.rank_offset` neighbours are skipped (distractors: ranks
+  below the top); `config.shuffle_contexts` puts the drawn contexts in a
+  random order; an example with fewer neighbours than `num_retrievals` (a
+  contexts file) gets all it has.
+  """
+  scores = tf.convert_to_tensor(neighbour_scores, tf.float32)
+  offset = config.rank_offset
+  bank_size = (config.retrieval_bank_size or None) if not offset else None
+  available = tf.size(scores[offset:]) if bank_size is None else bank_size
+  indices = offset + sample_neighbours(
+      scores[offset:], tf.minimum(config.num_retrievals, available),
+      config.retrieval_temperature, seed, bank_size=bank_size)
+  if config.shuffle_contexts:
+    indices = tf.gather(indices, tf.argsort(tf.random.stateless_uniform(
+        tf.shape(indices), shuffle_seed(seed))))
+  return indices
+
+
+def shuffle_seed(seed):
+  """The seed of a `shuffled` draw's order: independent of the draw's."""
+  return tf.random.experimental.stateless_fold_in(seed, 2)

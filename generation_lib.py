@@ -31,6 +31,7 @@ import tqdm
 import block_store
 import context_draw
 import decoding as decoding_lib
+import gpt2_weights
 import kilt_files
 import kilt_metrics
 import modeling_tf_gpt2_model_par as modeling
@@ -47,10 +48,11 @@ setting = settings.setting
 GENERATION_CONFIG_NAME = "generation_config.json"
 METRICS_NAME = "kilt_metrics.json"
 PARTIAL_SUFFIX = ".partial"
-# Approaches a prompt can be laid out for (random_context is an evaluation
-# control, not a system to generate with).
-APPROACHES = (context_draw.Approach.NAKED_LM.value,
-              context_draw.Approach.CACHED_PRETOK.value)
+# The partner's fields a random_context prompt takes: its neighbours, and
+# their block ids for the provenance.
+_PARTNER_FIELDS = ("neighbours", "neighbour_scores", "neighbour_block_ids")
+# The files of a saved GPT2TokenizerFast (either is enough to load it).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 # A context budget no prompt reaches: `fit_contexts` then keeps every slot
 # whole, which gives each slot's untruncated length.
 _UNLIMITED_BUDGET = 2**30
@@ -89,6 +91,13 @@ def make_prompt_fn(config, layout):
     _, whole = task_specific.fit_contexts(contexts, _UNLIMITED_BUDGET, layout)
     in_prompt = kept > 0
     padding = length - tf.size(ids)
+    # A slot is its helper words and its context cut to max_context_tokens:
+    # what the prompt holds of each context is the slot's kept tokens after
+    # its helper words.
+    cut = contexts[:, :layout.max_context_tokens]
+    helper_lengths = whole - cut.row_lengths()
+    shown = tf.ragged.boolean_mask(cut, tf.ragged.range(cut.row_lengths()) <
+                                   tf.expand_dims(kept - helper_lengths, 1))
 
     def count(condition):
       return tf.reduce_sum(tf.cast(condition, tf.int32))
@@ -102,6 +111,9 @@ def make_prompt_fn(config, layout):
             in_prompt, tf.gather(example["neighbour_block_ids"], indices), -1),
         # The cached retrieval scores of those blocks, for their provenance.
         "block_scores": tf.gather(example["neighbour_scores"], indices),
+        # The ids of each context in the prompt, -1 after its end.
+        "context_ids": tf.cast(shown, tf.int32).to_tensor(
+            default_value=-1, shape=[None, layout.max_context_tokens]),
         "question_cut": count(tf.size(example["question_ids"]) >
                               layout.max_question_tokens),
         "contexts_cut_to_max": count(
@@ -117,6 +129,21 @@ TRUNCATION_COUNTS = ("question_cut", "contexts_cut_to_max",
                      "contexts_cut_for_room", "contexts_dropped")
 
 
+def with_next_questions_neighbours(examples):
+  """Each parsed example with the neighbours (ids, scores, block ids) of the
+  next question of the split, the last with the first's: the pairing of
+  training's evaluation (`task_specific`'s random partners), over the whole
+  split, so `--max_examples` does not change a question's partner."""
+  partners = examples.skip(1).concatenate(examples.take(1))
+
+  # Plain tensor code: nothing for AutoGraph to convert.
+  @tf.autograph.experimental.do_not_convert
+  def swap(own, partner):
+    return {**own, **{name: partner[name] for name in _PARTNER_FIELDS}}
+
+  return tf.data.Dataset.zip(examples, partners).map(swap)
+
+
 def read_prompts(files, config, layout, max_examples=0):
   """Every prompt of a split's shards, in file order.
 
@@ -124,10 +151,13 @@ def read_prompts(files, config, layout, max_examples=0):
     A dict of numpy arrays, one row per example: `id`, `question` (str),
     `input_ids` and `attention_mask` int32 [N, layout.prompt_length],
     `block_ids` int64 [N, k] (-1: no room in the prompt), `block_scores`
-    float32 [N, k] (the drawn neighbours' cached scores), and the
-    TRUNCATION_COUNTS per example.
+    float32 [N, k] (the drawn neighbours' cached scores), `context_ids`
+    int32 [N, k, max_context_tokens] (the ids of each context that the
+    prompt holds, -1 after them), and the TRUNCATION_COUNTS per example.
   """
   dataset = tf.data.TFRecordDataset(files).map(neighbour_cache.parse_example)
+  if config.approach == context_draw.Approach.RANDOM_CONTEXT:
+    dataset = with_next_questions_neighbours(dataset)
   if max_examples:
     dataset = dataset.take(max_examples)
   dataset = dataset.map(make_prompt_fn(config, layout),
@@ -171,6 +201,28 @@ def prompt_provenance(prompts, example_index, title_of_block, title_map):
       prompts["block_ids"][example_index][in_prompt],
       prompts["block_scores"][example_index][in_prompt], title_of_block,
       title_map)
+
+
+def prompt_contexts(tokenizer, prompts, example_index):
+  """The texts of the contexts in one prompt, as the prompt holds them (cut
+  where the layout cut them), in the order of its provenance."""
+  in_prompt = prompts["block_ids"][example_index] >= 0
+  return [tokenizer.decode(ids[ids >= 0]).strip()
+          for ids in prompts["context_ids"][example_index][in_prompt]]
+
+
+def generation_record(tokenizer, prompts, example_index, tokens,
+                      title_of_block, title_map):
+  """One line of the output: KILT's record of the answer and its provenance,
+  and under `meta.contexts` the texts the answer was generated from (KILT's
+  scripts ignore `meta`; kilt_eval.py's grounding reads it)."""
+  record = kilt_files.output_record(
+      prompts["id"][example_index], prompts["question"][example_index],
+      answer_text(tokenizer, tokens, tokenizer.eos_token_id),
+      prompt_provenance(prompts, example_index, title_of_block, title_map))
+  record["meta"] = {
+      "contexts": prompt_contexts(tokenizer, prompts, example_index)}
+  return record
 
 
 # ---------------------------------------------------------------------------
@@ -301,7 +353,9 @@ def write_generations(output_path, prompts, batch_size, generate_batch,
 
 
 def evaluate_output(gold_records, gold_path, output_path):
-  """KILT metrics of the generations against the gold records of their ids.
+  """KILT metrics of the generations against the gold records of their ids,
+  with their grounding in the contexts they were given and the gold
+  answers' grounding in the same contexts (`kilt_metrics.grounding_summary`).
 
   Generations may cover part of the gold file (`--max_examples`); each of
   their ids must be in it.
@@ -312,6 +366,13 @@ def evaluate_output(gold_records, gold_path, output_path):
             if str(record["id"]).strip() in outputs]
   kilt_metrics.check_ids(scored, outputs, gold_path, output_path)
   metrics = kilt_metrics.score_outputs(scored, outputs)
+  contexts = kilt_metrics.read_guess_contexts(output_path)
+  metrics["grounding"] = kilt_metrics.grounding_summary(
+      kilt_metrics.grounding_scores(
+          scored, {record_id: output["answer"]
+                   for record_id, output in outputs.items()}, contexts))
+  metrics["gold_answer_grounding"] = kilt_metrics.grounding_summary(
+      kilt_metrics.gold_answer_grounding_scores(scored, contexts))
   metrics.update(gold_path=gold_path, guess_path=output_path,
                  num_gold_records=len(gold_records))
   logging.info("scored %d of the %d questions of %s", len(scored),
@@ -344,7 +405,8 @@ class GenerationConfig:
   tokenizer: typing.Optional[str] = setting(
       None,
       "GPT2TokenizerFast key or directory. Default: the run's, else "
-      "--model_key.")
+      "--model_key's (for a run's final_model/, which holds none, the "
+      "run's).")
   cache_dir: typing.Optional[str] = setting(
       None,
       "Neighbour cache holding the split's questions. Default: the run's; "
@@ -375,8 +437,10 @@ class GenerationConfig:
   approach_type: typing.Optional[str] = setting(
       None,
       "naked_lm: no contexts; cached_pretok: contexts from the cached "
-      "neighbours. Default: the run's (cached_pretok for a random_context "
-      "run), else cached_pretok.", choices=APPROACHES)
+      "neighbours; random_context: from the next question's (the last "
+      "question takes the first's), as evaluation's random condition. "
+      "Default: the run's (cached_pretok for a random_context run), else "
+      "cached_pretok.", choices=context_draw.APPROACHES)
   num_retrievals: typing.Optional[int] = setting(
       None, "Contexts per prompt. Default: the run's, else 5.")
   retrieval_temperature: float = setting(
@@ -437,11 +501,30 @@ def _model_and_tokenizer(config, strategy):
     source = {"run_dir": config.run_dir, "checkpoint": checkpoint,
               "step": step}
     return model, tokenizer, tokenizer_key, train_config, source
-  tokenizer_key = config.tokenizer or config.model_key
+  # Before the tokenizer, which may be the hub's too.
+  gpt2_weights.check_hub_name(config.model_key, "--model_key")
+  tokenizer_key = config.tokenizer or _model_tokenizer(config.model_key)
   tokenizer = task_specific.load_tokenizer(tokenizer_key)
   with strategy.scope():
     model = modeling.GPT2LMHeadModel.from_pretrained(config.model_key)
   return model, tokenizer, tokenizer_key, None, {"model_key": config.model_key}
+
+
+def _model_tokenizer(model_key):
+  """The tokenizer of a Hugging Face GPT-2: its own; for a run's
+  final_model/, which holds none, the run's."""
+  if not tf.io.gfile.isdir(model_key) or any(
+      tf.io.gfile.exists(os.path.join(model_key, name))
+      for name in _TOKENIZER_FILES):
+    return model_key
+  parent = os.path.dirname(os.path.normpath(model_key))
+  if run_directory.exists(parent):
+    return run_directory.tokenizer_dir(parent,
+                                       run_directory.read_config(parent))
+  raise utils.UserError(
+      f"--model_key={model_key}: holds no tokenizer "
+      f"({' or '.join(_TOKENIZER_FILES)}) and is not in a run directory, "
+      "expected --tokenizer=KEY_OR_DIR as well")
 
 
 def _given(value, default):
@@ -452,7 +535,10 @@ def _data_config(config, run):
   """The contexts' settings: the flag's if given, else the run's (`run`: its
   TrainConfig, or the defaults for a Hugging Face model)."""
   approach = config.approach_type or run.approach_type
-  if approach not in APPROACHES:
+  if not config.approach_type and (
+      approach == context_draw.Approach.RANDOM_CONTEXT):
+    # A random_context run is a control trained on the wrong contexts; it
+    # answers from its own question's neighbours unless told otherwise.
     approach = context_draw.Approach.CACHED_PRETOK
   return task_specific.DataConfig(
       approach=context_draw.Approach(approach),
@@ -488,6 +574,7 @@ def generate(config):
   output_path = config.output_path
   if not output_path:
     raise utils.UserError("--output_path is required (the generations .jsonl)")
+  utils.check_output_path(output_path, "--output_path")
   gold_records = None
   if config.evaluate:
     if config.split == "test":
@@ -580,11 +667,9 @@ def generate(config):
         lines = []
         for example_index, example_tokens in zip(range(rows.start, rows.stop),
                                                  tokens):
-          line = kilt_files.output_record(
-              prompts["id"][example_index], prompts["question"][example_index],
-              answer_text(tokenizer, example_tokens, tokenizer.eos_token_id),
-              prompt_provenance(prompts, example_index, titles, title_map))
-          lines.append(json.dumps(line) + "\n")
+          lines.append(json.dumps(generation_record(
+              tokenizer, prompts, example_index, example_tokens, titles,
+              title_map)) + "\n")
         return "".join(lines)
 
       num_batches = -(-len(prompts["id"]) // batch_size)
@@ -607,6 +692,7 @@ def generate(config):
     utils.atomic_write_json(
         os.path.join(os.path.dirname(output_path) or ".", METRICS_NAME),
         metrics)
-    sys.stdout.write(kilt_metrics.markdown_table(
-        {os.path.basename(output_path): metrics}))
+    name = os.path.basename(output_path)
+    sys.stdout.write(kilt_metrics.markdown_table({name: metrics}) + "\n" +
+                     kilt_metrics.grounding_table(metrics, name))
     return metrics

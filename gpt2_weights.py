@@ -9,10 +9,14 @@ weights are `[in, out]`, as Hugging Face stores them. Knows nothing of the
 model's math.
 """
 
+import functools
 import math
 import os
+import socket
 import tempfile
+import urllib.parse
 
+import huggingface_hub
 import numpy as np
 import safetensors.numpy
 import tensorflow as tf
@@ -28,6 +32,11 @@ H5_NAME = "tf_model.h5"
 PYTORCH_NAME = "pytorch_model.bin"
 # The weight files read, in order of preference.
 _READABLE_NAMES = (SAFETENSORS_NAME, H5_NAME)
+# A file of every GPT-2 tokenizer on the hub.
+TOKENIZER_VOCAB_NAME = "vocab.json"
+# How long the hub may take to accept a connection before it counts as
+# unreachable (transformers itself retries for minutes).
+_HUB_CONNECT_SECONDS = 3.0
 
 
 # ---------------------------------------------------------------------------
@@ -141,6 +150,46 @@ def holds_config_only(model_key):
                   for name in _READABLE_NAMES + (PYTORCH_NAME,)))
 
 
+@functools.cache
+def hub_reachable():
+  """Whether the Hugging Face hub accepts a connection (HF_HUB_OFFLINE=1: no)."""
+  if huggingface_hub.constants.HF_HUB_OFFLINE:
+    return False
+  endpoint = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+  port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+  try:
+    socket.create_connection((endpoint.hostname, port),
+                             timeout=_HUB_CONNECT_SECONDS).close()
+  except OSError:
+    return False
+  return True
+
+
+def check_hub_name(name, flag, file_name=CONFIG_NAME):
+  """Refuses at once a hub name that cannot be fetched: the hub is
+  unreachable and its local cache lacks `file_name` of it (transformers
+  would retry for minutes, then fail with an unrelated error).
+
+  A local or gs:// path is left to the loaders, which name what is wrong
+  with it.
+
+  Args:
+    name: a hub name or a path.
+    flag: the flag that gave it, for the message ("--model_key").
+    file_name: a file every copy of it holds (a tokenizer: "vocab.json").
+  """
+  if not name or _looks_like_path(name) or hub_reachable():
+    return
+  try:
+    transformers.utils.cached_file(name, file_name, local_files_only=True)
+  except (OSError, ValueError):
+    raise utils.UserError(
+        f"{flag}={name}: not a local directory, and the Hugging Face hub "
+        "cannot be reached and its local cache has no copy of it, expected a "
+        "local directory saved with save_pretrained, or a hub name when "
+        "online") from None
+
+
 def resolve_checkpoint(name_or_dir):
   """(config path, weights path) of a local/gs:// directory or a hub key."""
   if _looks_like_path(name_or_dir):
@@ -156,11 +205,15 @@ def resolve_checkpoint(name_or_dir):
     weights_paths = [path for path in weights_paths
                      if tf.io.gfile.exists(path)]
   else:
+    check_hub_name(name_or_dir, "--model_key")
+    offline = not hub_reachable()
     try:
-      config_path = transformers.utils.cached_file(name_or_dir, CONFIG_NAME)
+      config_path = transformers.utils.cached_file(
+          name_or_dir, CONFIG_NAME, local_files_only=offline)
       weights_paths = [
           transformers.utils.cached_file(
-              name_or_dir, name, _raise_exceptions_for_missing_entries=False)
+              name_or_dir, name, local_files_only=offline,
+              _raise_exceptions_for_missing_entries=False)
           for name in _READABLE_NAMES]
     except OSError as error:
       raise utils.UserError(

@@ -17,6 +17,7 @@ import sys
 
 from absl import flags
 
+import cli
 import settings
 import utils
 
@@ -93,8 +94,14 @@ def script_flag_names(script_path):
     sys.path.insert(0, module_dir)
   spec = importlib.util.spec_from_file_location(
       "_config_target_" + os.path.basename(script_path)[:-3], script_path)
+  before = set(flags.FLAGS)
   spec.loader.exec_module(importlib.util.module_from_spec(spec))
-  return set(flags.FLAGS) - own
+  names = set(flags.FLAGS) - own
+  # Forgotten again, so that the next script may define flags of the same
+  # names (main.py and generation.py both have --batch_size).
+  for name in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, name)
+  return names
 
 
 def check_keys(config, path, script_path, flag_names):
@@ -127,4 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main, takes_arguments=True)
+  cli.run(main, takes_arguments=True)

@@ -60,7 +60,21 @@ retrieved blocks into KILT provenance with it.
 
 Also: the calibration baselines of Krishna et al. 2021 ("Hurdles to Progress
 in Long-form Question Answering"), as their `generate_final_guess_bounds.py`
-builds them: the question copied five times, and a random training answer.
+builds them: the question copied five times, and a random training answer;
+and their human upper bound, the longest gold answer scored against the
+other gold answers of its question (questions with one gold answer have no
+other to score against and are left out of that row).
+
+Grounding (does a generation copy from its contexts?): the fraction of the
+generation's n-grams, n = 1 to 4, that occur in the contexts it was given,
+counting only n-grams that are not in the question (an answer restating the
+question is not evidence of reading) and, for n = 1, not stop-words (NLTK's
+English list); occurrences are counted (a repeated n-gram counts each time),
+the tokens are KILT's `normalize_answer` split on white space, and an n-gram
+must lie inside one context. It lives here, not in eval_stats, because it is
+a per-example text metric on KILT's tokenisation, like F1. A guess file
+carries the contexts of each answer as `meta.contexts` (generation.py writes
+them; KILT's scripts ignore `meta`).
 """
 
 import collections
@@ -74,11 +88,14 @@ import rouge
 import tensorflow as tf
 from tqdm import tqdm
 
+import eval_stats
 import kilt_files
 import neighbour_cache
 import utils
 
 METRIC_NAMES = ("rougeL", "f1", "em", "accuracy")
+# The corpus metrics reported with a bootstrap interval.
+INTERVAL_METRICS = ("rougeL", "f1", "kilt_rougeL", "kilt_f1")
 # eval_retrieval.py's defaults: pages matched on this key, cut-offs reported.
 RANK_KEY = "wikipedia_id"
 RETRIEVAL_KS = (1, 5, 10, 20)
@@ -86,6 +103,24 @@ RETRIEVAL_KS = (1, 5, 10, 20)
 KNOWLEDGE_SOURCE_FIELDS = ("wikipedia_id", "wikipedia_title")
 # Krishna et al.'s `copy_input` bound joins five copies of the question.
 COPY_INPUT_REPEATS = 5
+GROUNDING_ORDERS = (1, 2, 3, 4)
+# NLTK's English stop words (nltk.corpus.stopwords, 179 words; its data is
+# not installed with the package), normalised as generations are.
+_NLTK_ENGLISH_STOP_WORDS = """
+i me my myself we our ours ourselves you you're you've you'll you'd your
+yours yourself yourselves he him his himself she she's her hers herself it
+it's its itself they them their theirs themselves what which who whom this
+that that'll these those am is are was were be been being have has had
+having do does did doing a an the and but if or because as until while of
+at by for with about against between into through during before after above
+below to from up down in out on off over under again further then once here
+there when where why how all any both each few more most other some such no
+nor not only own same so than too very s t can will just don don't should
+should've now d ll m o re ve y ain aren aren't couldn couldn't didn didn't
+doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn
+mightn't mustn mustn't needn needn't shan shan't shouldn shouldn't wasn
+wasn't weren weren't won won't wouldn wouldn't
+""".split()
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -96,6 +131,10 @@ def normalize_answer(text):
   """KILT's normalisation: lower, drop punctuation, drop articles, fix spaces."""
   text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
   return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+STOP_WORDS = frozenset(normalize_answer(word)
+                       for word in _NLTK_ENGLISH_STOP_WORDS) - {""}
 
 
 def exact_match(prediction, ground_truth):
@@ -171,6 +210,83 @@ def score_answer(prediction, answers):
       "em": float(max(exact_match(prediction, answer) for answer in answers)),
       "accuracy": float(prediction in answers),
   }
+
+
+def _ngrams(tokens, order):
+  return [tuple(tokens[start:start + order])
+          for start in range(len(tokens) - order + 1)]
+
+
+def grounding(generation, contexts, question):
+  """The share of a generation's n-grams found in its contexts (see above).
+
+  Args:
+    generation: the generated answer.
+    contexts: the texts the answer was generated from ([]: none).
+    question: the question, whose n-grams do not count.
+
+  Returns:
+    found / counted over n = 1..4, or None when no n-gram counts (an empty
+    generation, or one made only of the question and stop-words).
+  """
+  tokens = normalize_answer(generation).split()
+  question_tokens = normalize_answer(question).split()
+  context_tokens = [normalize_answer(context).split() for context in contexts]
+  found = counted = 0
+  for order in GROUNDING_ORDERS:
+    in_question = set(_ngrams(question_tokens, order))
+    in_contexts = set()
+    for tokens_of_context in context_tokens:
+      in_contexts.update(_ngrams(tokens_of_context, order))
+    for ngram in _ngrams(tokens, order):
+      if ngram in in_question or (order == 1 and ngram[0] in STOP_WORDS):
+        continue
+      counted += 1
+      found += ngram in in_contexts
+  return found / counted if counted else None
+
+
+def grounding_scores(gold_records, answers, contexts):
+  """{id: grounding} of {id: answer} given {id: contexts}, in the gold
+  file's order."""
+  return {_record_id(record): grounding(answers[_record_id(record)],
+                                        contexts[_record_id(record)],
+                                        record["input"])
+          for record in gold_records}
+
+
+def gold_answer_grounding_scores(gold_records, contexts):
+  """{id: mean grounding of the question's gold answers} against the
+  contexts a guess was given for it (None when no answer has an n-gram to
+  count)."""
+  scores = {}
+  for record in gold_records:
+    record_id = _record_id(record)
+    values = [grounding(answer, contexts[record_id], record["input"])
+              for answer in sorted(gold_answers(record))]
+    values = [value for value in values if value is not None]
+    scores[record_id] = sum(values) / len(values) if values else None
+  return scores
+
+
+def grounding_summary(scores, bootstrap=eval_stats.DEFAULT_BOOTSTRAP):
+  """The mean of {id: grounding or None} over the ids that have one, with
+  its bootstrap interval, and `num_undefined` (the ids without)."""
+  defined = [value for value in scores.values() if value is not None]
+  summary = eval_stats.mean_interval(defined, bootstrap)
+  summary["num_undefined"] = len(scores) - len(defined)
+  return summary
+
+
+def paired_score_difference(scores_a, scores_b,
+                            bootstrap=eval_stats.DEFAULT_BOOTSTRAP):
+  """Interval and permutation p-value of mean(a − b) of two {id: score or
+  None} over the ids both have a score for (`num_examples` of them)."""
+  ids = [record_id for record_id, value in scores_a.items()
+         if value is not None and scores_b.get(record_id) is not None]
+  return eval_stats.paired_mean_difference(
+      [scores_a[record_id] for record_id in ids],
+      [scores_b[record_id] for record_id in ids], bootstrap)
 
 
 # ---------------------------------------------------------------------------
@@ -322,9 +438,9 @@ def corpus_retrieval_metrics(gold_records, provenance):
   return result
 
 
-def corpus_metrics(gold_records, predictions, provenance=None,
-                   description="scoring"):
-  """KILT's corpus-level metrics: per-example values averaged over gold ids.
+def answer_scores(gold_records, predictions, provenance=None,
+                  description="scoring"):
+  """Per-example answer metrics and their KILT-* variants, by gold id.
 
   Args:
     gold_records: KILT records with answers, each with a unique `id`.
@@ -334,48 +450,83 @@ def corpus_metrics(gold_records, predictions, provenance=None,
     description: label of the progress bar.
 
   Returns:
-    As fractions in [0, 1]: `rougeL`, `f1`, `em`, `accuracy`, their KILT-*
-    variants `kilt_rougeL`, `kilt_f1`, `kilt_em`, `kilt_accuracy`, `rprec`,
-    `recall@5` and `retrieval` (eval_retrieval.py's report at its default
-    ks); counts `num_examples`, `num_empty_predictions` and
-    `num_without_provenance` (guesses naming no wikipedia_id).
+    (scores, retrieval): in the gold file's order, per example
+    {"id", "rougeL", "f1", "em", "accuracy", "kilt_rougeL", "kilt_f1",
+    "kilt_em", "kilt_accuracy", "empty"} (a KILT-* value is the metric where
+    R-precision is exactly 1, else 0) and `retrieval_metrics`' dict.
   """
   provenance = provenance or {}
-  totals = {name: 0.0 for name in METRIC_NAMES}
-  kilt_totals = {name: 0.0 for name in METRIC_NAMES}
-  per_example = []
-  provenance_lists = []
-  num_empty = 0
+  scores, retrieval = [], []
   for record in tqdm(gold_records, desc=description, unit="example",
                      disable=len(gold_records) < 100):
     record_id = _record_id(record)
     prediction = predictions[record_id].strip()
-    num_empty += not prediction
     entries = provenance.get(record_id) or []
-    provenance_lists.append(entries)
-    retrieval = retrieval_metrics(entries, record)
-    per_example.append(retrieval)
+    metrics = retrieval_metrics(entries, record)
+    retrieval.append(metrics)
+    row = {"id": record_id, "empty": not prediction}
     for name, value in score_answer(prediction, gold_answers(record)).items():
-      totals[name] += value
-      if retrieval["Rprec"] == 1:
-        kilt_totals[name] += value
+      row[name] = value
+      row[f"kilt_{name}"] = value if metrics["Rprec"] == 1 else 0.0
+    scores.append(row)
+  return scores, retrieval
+
+
+def corpus_metrics(gold_records, predictions, provenance=None,
+                   description="scoring",
+                   bootstrap=eval_stats.DEFAULT_BOOTSTRAP):
+  """KILT's corpus-level metrics: per-example values averaged over gold ids.
+
+  Args:
+    gold_records, predictions, provenance, description: as `answer_scores`.
+    bootstrap: an `eval_stats.Bootstrap`, for the intervals.
+
+  Returns:
+    As fractions in [0, 1]: `rougeL`, `f1`, `em`, `accuracy`, their KILT-*
+    variants `kilt_rougeL`, `kilt_f1`, `kilt_em`, `kilt_accuracy`, `rprec`,
+    `recall@5` and `retrieval` (eval_retrieval.py's report at its default
+    ks); `intervals`: {name: `eval_stats.mean_interval`} of INTERVAL_METRICS
+    (bootstrap over the examples); counts `num_examples`,
+    `num_empty_predictions` and `num_without_provenance` (guesses naming no
+    wikipedia_id).
+  """
+  provenance = provenance or {}
+  scores, retrieval = answer_scores(gold_records, predictions, provenance,
+                                    description)
+  return summarise_scores(gold_records, scores, retrieval, provenance,
+                          bootstrap)
+
+
+def summarise_scores(gold_records, scores, retrieval, provenance, bootstrap):
+  """`corpus_metrics` of `answer_scores`' (scores, retrieval)."""
   count = len(gold_records)
-  metrics = {name: total / count if count else 0.0
-             for name, total in totals.items()}
-  metrics.update({f"kilt_{name}": total / count if count else 0.0
-                  for name, total in kilt_totals.items()})
-  metrics.update(_retrieval_summary(per_example, provenance_lists))
-  metrics.update(num_examples=count, num_empty_predictions=num_empty)
+  names = METRIC_NAMES + tuple(f"kilt_{name}" for name in METRIC_NAMES)
+  # Summed in the gold file's order, as KILT's script sums.
+  metrics = {name: sum(row[name] for row in scores) / count if count else 0.0
+             for name in names}
+  metrics["intervals"] = {
+      name: eval_stats.mean_interval([row[name] for row in scores], bootstrap)
+      for name in INTERVAL_METRICS}
+  metrics.update(_retrieval_summary(
+      retrieval, [(provenance or {}).get(_record_id(record)) or []
+                  for record in gold_records]))
+  metrics.update(num_examples=count,
+                 num_empty_predictions=sum(row["empty"] for row in scores))
   return metrics
 
 
-def score_outputs(gold_records, outputs):
+def _answers_and_provenance(outputs):
+  return ({record_id: output["answer"]
+           for record_id, output in outputs.items()},
+          {record_id: output.get("provenance")
+           for record_id, output in outputs.items()})
+
+
+def score_outputs(gold_records, outputs,
+                  bootstrap=eval_stats.DEFAULT_BOOTSTRAP):
   """`corpus_metrics` of `read_guess_outputs`' {id: output}."""
-  return corpus_metrics(
-      gold_records,
-      {record_id: output["answer"] for record_id, output in outputs.items()},
-      {record_id: output.get("provenance")
-       for record_id, output in outputs.items()})
+  answers, provenance = _answers_and_provenance(outputs)
+  return corpus_metrics(gold_records, answers, provenance, bootstrap=bootstrap)
 
 
 # ---------------------------------------------------------------------------
@@ -456,10 +607,10 @@ def read_gold(path):
   return records
 
 
-def read_guess_outputs(path):
-  """{id: output} of a KILT-format guess file: one {"answer", "provenance"?}
-  per line, the provenance (when there) a list of objects."""
-  outputs = {}
+def _guess_records(path):
+  """Yields (line number, id, record) of a KILT-format guess file, each
+  record's single output checked, each id once."""
+  seen = set()
   for line_number, record in kilt_files.read_jsonl(path, "guess file"):
     missing = [field for field in ("id", "output") if field not in record]
     if missing:
@@ -477,11 +628,40 @@ def read_guess_outputs(path):
     if "provenance" in output[0]:
       _check_provenance(output[0]["provenance"],
                         f"{path}: line {line_number} (id {record_id!r})")
-    if record_id in outputs:
+    if record_id in seen:
       raise utils.UserError(
           f"{path}: line {line_number}: id {record_id!r} appears twice")
-    outputs[record_id] = output[0]
-  return outputs
+    seen.add(record_id)
+    yield line_number, record_id, record
+
+
+def read_guess_outputs(path):
+  """{id: output} of a KILT-format guess file: one {"answer", "provenance"?}
+  per line, the provenance (when there) a list of objects."""
+  return {record_id: record["output"][0]
+          for _, record_id, record in _guess_records(path)}
+
+
+def read_guess_contexts(path):
+  """{id: the context texts the answer was given} of a guess file that
+  records them (`meta.contexts`, as generation.py writes: [] for an answer
+  generated without contexts)."""
+  contexts = {}
+  for line_number, record_id, record in _guess_records(path):
+    where = f"{path}: line {line_number} (id {record_id!r})"
+    meta = record.get("meta")
+    if not isinstance(meta, dict) or "contexts" not in meta:
+      raise utils.UserError(
+          f"{where}: no meta.contexts, expected the texts the answer was "
+          "generated from (grounding needs them; generation.py writes them)")
+    texts = meta["contexts"]
+    if not isinstance(texts, list) or not all(
+        isinstance(text, str) for text in texts):
+      raise utils.UserError(
+          f"{where}: meta.contexts must be a list of strings (the contexts' "
+          "texts)")
+    contexts[record_id] = texts
+  return contexts
 
 
 def read_guesses(path):
@@ -659,26 +839,62 @@ def random_train_answer_predictions(gold_records, train_records, seed):
           for record in gold_records}
 
 
-def _markdown(header, rows, columns):
+def longest_gold_answer_baseline(gold_records):
+  """Krishna et al.'s `longest_gold_ans` bound: per question with at least
+  two gold answers, the longest (in words; the first of equals in the gold
+  file's order) as the guess, the others as its gold.
+
+  Returns:
+    (gold records of those questions, without that answer; {id: guess}).
+  """
+  records, predictions = [], {}
+  for record in gold_records:
+    answers = [item["answer"].strip() for item in record["output"]
+               if item.get("answer") and item["answer"].strip()]
+    longest = max(answers, key=lambda answer: len(answer.split()))
+    others = [answer for answer in answers if answer != longest]
+    if not others:
+      continue
+    records.append({"id": record["id"], "input": record["input"],
+                    "output": [{"answer": answer} for answer in others]})
+    predictions[_record_id(record)] = longest
+  return records, predictions
+
+
+def _percent(value):
+  return f"{100 * value:.2f}"
+
+
+def _percent_interval(interval):
+  return eval_stats.format_interval(interval, scale=100)
+
+
+def _markdown(header, rows, cells):
+  """A markdown table: one row per {system name: metrics}, each cell
+  `cell(metrics)`, then the number of examples."""
   lines = ["| system | " + " | ".join(header) + " | examples |",
            "| --- |" + " ---: |" * (len(header) + 1)]
   for name, metrics in rows.items():
-    cells = [f"{100 * column(metrics):.2f}" for column in columns]
-    lines.append(f"| {name} | " + " | ".join(cells) +
-                 f" | {metrics['num_examples']} |")
+    lines.append(f"| {name} | " + " | ".join(cell(metrics) for cell in cells)
+                 + f" | {metrics['num_examples']} |")
   return "\n".join(lines) + "\n"
 
 
 def markdown_table(rows):
   """A markdown table of {system name: metrics}, metrics shown in percent:
-  the answer metrics, R-precision and recall@5, and KILT-RL and KILT-F1 (the
-  columns of KILT's ELI5 leaderboard)."""
+  the answer metrics, R-precision and recall@5, KILT-RL and KILT-F1 (the
+  columns of KILT's ELI5 leaderboard), then the 95 % intervals of ROUGE-L,
+  F1 and KILT-RL."""
   names = ("rougeL", "f1", "em", "rprec", "recall@5", "kilt_rougeL",
            "kilt_f1")
+  interval_names = ("rougeL", "f1", "kilt_rougeL")
   return _markdown(
       ["ROUGE-L (%)", "F1 (%)", "EM (%)", "R-Prec (%)", "recall@5 (%)",
-       "KILT-RL (%)", "KILT-F1 (%)"], rows,
-      [lambda metrics, name=name: metrics[name] for name in names])
+       "KILT-RL (%)", "KILT-F1 (%)", "ROUGE-L [95 % CI]", "F1 [95 % CI]",
+       "KILT-RL [95 % CI]"], rows,
+      [lambda metrics, name=name: _percent(metrics[name]) for name in names] +
+      [lambda metrics, name=name: _percent_interval(
+          metrics["intervals"][name]) for name in interval_names])
 
 
 def retrieval_table(rows):
@@ -687,41 +903,96 @@ def retrieval_table(rows):
   return _markdown(
       ["R-Prec (%)", "precision@1 (%)", "recall@5 (%)", "recall@20 (%)",
        "success_rate@5 (%)"], rows,
-      [lambda metrics, name=name: metrics["retrieval"][name]
+      [lambda metrics, name=name: _percent(metrics["retrieval"][name])
        for name in names])
 
 
-def evaluate_files(gold_path, guess_path, *, baselines_train_path=None,
-                   baselines_seed=0):
-  """Scores a guess file against a KILT gold file, with optional baselines.
+def _baselines(gold_records, baselines_train_path, baselines_seed):
+  """{name: (gold records scored, {id: guess})} of the calibration baselines."""
+  train_records = [record for _, record in kilt_files.read_jsonl(
+      baselines_train_path, "baselines training file")]
+  try:
+    random_answers = random_train_answer_predictions(
+        gold_records, train_records, baselines_seed)
+  except ValueError:
+    raise utils.UserError(
+        f"{baselines_train_path}: no answers to draw the random-answer "
+        "baseline from (expected the KILT training split)") from None
+  return {
+      "copy_input": (gold_records, copy_input_predictions(gold_records)),
+      "random_train_answer": (gold_records, random_answers),
+      "longest_gold_answer": longest_gold_answer_baseline(gold_records),
+  }
 
-  Returns `corpus_metrics`' result for the guess, the two paths, and with
-  `baselines_train_path` a `baselines` dict {"copy_input": metrics,
-  "random_train_answer": metrics} (guesses without provenance).
-  """
-  gold_records = read_gold(gold_path)
+
+def _read_scored_guess(gold_records, gold_path, guess_path, bootstrap):
+  """(corpus metrics, per-example scores, {id: answer}) of a guess file."""
   outputs = read_guess_outputs(guess_path)
   check_ids(gold_records, outputs, gold_path, guess_path)
-  result = score_outputs(gold_records, outputs)
-  result.update(gold_path=gold_path, guess_path=guess_path)
+  answers, provenance = _answers_and_provenance(outputs)
+  scores, retrieval = answer_scores(gold_records, answers, provenance)
+  metrics = summarise_scores(gold_records, scores, retrieval, provenance,
+                             bootstrap)
+  metrics["guess_path"] = guess_path
+  return metrics, scores, answers
+
+
+def evaluate_files(gold_path, guess_path, *, baselines_train_path=None,
+                   baselines_seed=0, compare_path=None, with_grounding=False,
+                   bootstrap=eval_stats.DEFAULT_BOOTSTRAP):
+  """Scores a guess file against a KILT gold file, with optional baselines,
+  grounding and a paired comparison with a second guess file.
+
+  Returns:
+    `corpus_metrics`' result for the guess and the two paths; with
+    `baselines_train_path`, `baselines`: {"copy_input", "random_train_answer",
+    "longest_gold_answer": metrics} (guesses without provenance; the longest
+    gold answer on the questions with two or more); with `with_grounding`,
+    `grounding` (`grounding_summary` of the guess's answers against its
+    `meta.contexts`), `gold_answer_grounding` (the gold answers against the
+    same contexts) and each baseline's `grounding` against them; with
+    `compare_path` (another guess file on the same ids), `comparison`:
+    {"metrics": its result, "differences": {name: guess − compared, paired
+    over the examples: `eval_stats.paired_mean_difference`} for
+    INTERVAL_METRICS (and `grounding`)}.
+  """
+  gold_records = read_gold(gold_path)
+  result, scores, answers = _read_scored_guess(gold_records, gold_path,
+                                               guess_path, bootstrap)
+  result["gold_path"] = gold_path
+  contexts = grounding_by_id = None
+  if with_grounding:
+    contexts = read_guess_contexts(guess_path)
+    grounding_by_id = grounding_scores(gold_records, answers, contexts)
+    result["grounding"] = grounding_summary(grounding_by_id, bootstrap)
+    result["gold_answer_grounding"] = grounding_summary(
+        gold_answer_grounding_scores(gold_records, contexts), bootstrap)
+  if compare_path:
+    compared, compared_scores, compared_answers = _read_scored_guess(
+        gold_records, gold_path, compare_path, bootstrap)
+    differences = {
+        name: eval_stats.paired_mean_difference(
+            [row[name] for row in scores],
+            [row[name] for row in compared_scores], bootstrap)
+        for name in INTERVAL_METRICS}
+    if with_grounding:
+      compared_grounding = grounding_scores(
+          gold_records, compared_answers, read_guess_contexts(compare_path))
+      compared["grounding"] = grounding_summary(compared_grounding, bootstrap)
+      differences["grounding"] = paired_score_difference(
+          grounding_by_id, compared_grounding, bootstrap)
+    result["comparison"] = {"metrics": compared, "differences": differences}
   if baselines_train_path:
-    train_records = [record for _, record in kilt_files.read_jsonl(
-        baselines_train_path, "baselines training file")]
-    try:
-      random_answers = random_train_answer_predictions(
-          gold_records, train_records, baselines_seed)
-    except ValueError:
-      raise utils.UserError(
-          f"{baselines_train_path}: no answers to draw the random-answer "
-          "baseline from (expected the KILT training split)") from None
-    result["baselines"] = {
-        "copy_input": corpus_metrics(
-            gold_records, copy_input_predictions(gold_records),
-            description="copy-input baseline"),
-        "random_train_answer": corpus_metrics(
-            gold_records, random_answers,
-            description="random-answer baseline"),
-    }
+    result["baselines"] = {}
+    for name, (records, predictions) in _baselines(
+        gold_records, baselines_train_path, baselines_seed).items():
+      metrics = corpus_metrics(records, predictions,
+                               description=f"{name} baseline",
+                               bootstrap=bootstrap)
+      if contexts is not None:
+        metrics["grounding"] = grounding_summary(
+            grounding_scores(records, predictions, contexts), bootstrap)
+      result["baselines"][name] = metrics
     result["baselines_seed"] = baselines_seed
   return result
 
@@ -744,9 +1015,58 @@ def evaluate_cache(gold_path, cache_files, cache_name, title_of_block,
   return result, provenance
 
 
-def result_table(result, system_name="guess"):
-  """The markdown table of `evaluate_files`' result: the guess, then baselines."""
+def _baseline_rows(result):
+  return {f"baseline: {name.replace('_', ' ')}": metrics
+          for name, metrics in result.get("baselines", {}).items()}
+
+
+def grounding_table(result, system_name="guess", compared_name="compared"):
+  """The markdown table of `evaluate_files`' grounding scores (percent,
+  95 % intervals): the guess, the compared guess, the gold answers against
+  the guess's contexts, the baselines against them; '' without grounding."""
+  if "grounding" not in result:
+    return ""
+  rows = {system_name: result["grounding"]}
+  if "grounding" in result.get("comparison", {}).get("metrics", {}):
+    rows[compared_name] = result["comparison"]["metrics"]["grounding"]
+  rows[f"gold answers, {system_name}'s contexts"] = result[
+      "gold_answer_grounding"]
+  for name, metrics in _baseline_rows(result).items():
+    rows[f"{name}, {system_name}'s contexts"] = metrics["grounding"]
+  lines = ["| answers | grounding (%) [95 % CI] | scored | without an n-gram "
+           "to count |", "| --- | ---: | ---: | ---: |"]
+  for name, summary in rows.items():
+    lines.append(f"| {name} | {_percent_interval(summary)} | "
+                 f"{summary['num_examples']} | {summary['num_undefined']} |")
+  return "\n".join(lines) + "\n"
+
+
+def difference_table(result, system_name="guess", compared_name="compared"):
+  """The markdown table of `evaluate_files`' paired differences (percentage
+  points, 95 % intervals, permutation p-values); '' without a comparison."""
+  if "comparison" not in result:
+    return ""
+  labels = {"rougeL": "ROUGE-L", "f1": "F1", "kilt_rougeL": "KILT-RL",
+            "kilt_f1": "KILT-F1", "grounding": "grounding"}
+  lines = [f"| {system_name} − {compared_name} (paired) | difference (points) "
+           "[95 % CI] | p (sign-flip permutation) | examples |",
+           "| --- | ---: | ---: | ---: |"]
+  for name, difference in result["comparison"]["differences"].items():
+    lines.append(f"| {labels[name]} | {_percent_interval(difference)} | "
+                 f"{difference['p_value']:.4f} | "
+                 f"{difference['num_examples']} |")
+  return "\n".join(lines) + "\n"
+
+
+def result_table(result, system_name="guess", compared_name="compared"):
+  """The markdown tables of `evaluate_files`' result: the metrics of the
+  guess, the compared guess and the baselines; then grounding and the
+  paired differences when scored."""
   rows = {system_name: result}
-  for name, metrics in result.get("baselines", {}).items():
-    rows[f"baseline: {name.replace('_', ' ')}"] = metrics
-  return markdown_table(rows)
+  if "comparison" in result:
+    rows[compared_name] = result["comparison"]["metrics"]
+  rows.update(_baseline_rows(result))
+  tables = [markdown_table(rows),
+            grounding_table(result, system_name, compared_name),
+            difference_table(result, system_name, compared_name)]
+  return "\n".join(table for table in tables if table)

@@ -16,21 +16,25 @@ file, `lock`, names its holder).
 
   python main.py --task=evaluate ...same flags...
 
-computes answer perplexity on --eval_split with real, random and no contexts
-on the latest checkpoint and writes RUNS/NAME/ablation_{split}.json.
+scores the latest checkpoint on --eval_split under every context condition
+of --conditions (real, top_k, random, none, shuffled by default; also
+distractor, gold, counterfactual) and writes RUNS/NAME/ablation_{split}.json
+(answer perplexity per token and per word, bits per byte, paired differences
+with 95 % intervals), ablation_{split}_examples.jsonl (one row per example
+and condition), ablation_{split}.md and ablation_{split}.png.
 
 The flags are the fields of `training.TrainConfig`; from Python, call
-`training.train(config)` / `training.evaluate(config)`.
+`training.train(config)` / `evaluation.evaluate(config)`.
 """
 
 from absl import flags
 
 import cli
+import evaluation
 import training
-import utils
 
 _FLAG_TASK = flags.DEFINE_enum("task", "train", ["train", "evaluate"],
-                               "train, or evaluate the retrieval ablation.")
+                               "train, or evaluate the context-condition grid.")
 _TRAIN_FLAGS = cli.define_flags(training.TrainConfig)
 
 
@@ -39,8 +43,8 @@ def main(argv):
   if _FLAG_TASK.value == "train":
     training.train(config)
   else:
-    training.evaluate(config)
+    evaluation.evaluate(config)
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)

@@ -37,12 +37,15 @@ Manifests written before titles were read lack `titles_path`,
 titles_path=manifest.get("titles_path"))`.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 
+from absl import logging
 import tensorflow as tf
 
+import tf_utils
 import utils
 
 FORMAT_VERSION = 1
@@ -157,8 +160,13 @@ def check_manifest(manifest, cache_dir, *, split=None, vocab_size=None,
         f"{cache_dir}: cached with tokenizer {manifest['tokenizer']!r} "
         f"(vocabulary {manifest['vocab_size']}), but the model's vocabulary is "
         f"{vocab_size}")
-  if (tokenizer_fingerprint is not None and
-      manifest["tokenizer_fingerprint"] != tokenizer_fingerprint):
+  if tokenizer_fingerprint is not None and (
+      manifest.get("tokenizer_fingerprint") is None):
+    logging.warning(
+        "%s: the manifest predates tokenizer fingerprints; only its "
+        "vocabulary size is checked against the tokenizer", cache_dir)
+  elif (tokenizer_fingerprint is not None and
+        manifest["tokenizer_fingerprint"] != tokenizer_fingerprint):
     raise utils.UserError(
         f"{cache_dir}: cached with tokenizer {manifest['tokenizer']!r}, which "
         "differs from the tokenizer asked for (vocabulary/merges fingerprint)")
@@ -172,6 +180,41 @@ def split_files(cache_dir, manifest, split):
   """Paths of a split's shards, in order."""
   return [os.path.join(cache_dir, name)
           for name in manifest["splits"][split]["shards"]]
+
+
+def _shard_refusal(cache_dir, split, problem):
+  return utils.UserError(
+      f"{cache_dir}: split {split!r}: {problem}, expected the complete shards "
+      "the cacher wrote (count them with util_scripts/count_records.py "
+      f"--cache_dir={cache_dir}; rerun query_cacher_tfrecord.py)")
+
+
+def check_shards_exist(cache_dir, files, split):
+  """A UserError naming the first of a split's shards that is missing."""
+  for path in files:
+    if not tf.io.gfile.exists(path):
+      raise _shard_refusal(cache_dir, split, f"shard {path} does not exist")
+
+
+@contextlib.contextmanager
+def reading_shards(cache_dir, files, split):
+  """Turns a read error of a split's shards inside the block into a
+  UserError naming the damaged shard.
+
+  TensorFlow's error names the record's offset, not the file: on an error,
+  the shards are read through until one fails.
+  """
+  try:
+    yield
+  except (tf.errors.DataLossError, tf.errors.NotFoundError) as error:
+    for path in files:
+      try:
+        tf_utils.count_tfrecords(path)
+      except utils.UserError as damage:
+        raise _shard_refusal(cache_dir, split, str(damage)) from None
+    raise _shard_refusal(
+        cache_dir, split,
+        f"a shard did not read ({tf_utils.op_error_reason(error)})") from None
 
 
 def tokenizer_fingerprint(tokenizer):

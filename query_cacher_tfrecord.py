@@ -19,7 +19,6 @@ The flags are the fields of `caching.CacheConfig`; from Python, call
 
 import caching
 import cli
-import utils
 
 _CACHE_FLAGS = cli.define_flags(caching.CacheConfig)
 
@@ -29,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)

@@ -8,7 +8,7 @@
                       multi-worker job: checkpoints/worker-N/)
   RUN/train/, eval/   TensorBoard events
   RUN/metrics.jsonl   one line per logged step
-  RUN/final_model/    Hugging Face format, at the end
+  RUN/final_model/    Hugging Face format with the tokenizer, at the end
   RUN/done.json       written last
   RUN/ablation_{split}.json
 
@@ -49,6 +49,21 @@ _ABLATION_PREFIX, _ABLATION_SUFFIX = "ablation_", ".json"
 
 def ablation_path(run_dir, split):
   return os.path.join(run_dir, f"{_ABLATION_PREFIX}{split}{_ABLATION_SUFFIX}")
+
+
+def ablation_examples_path(run_dir, split):
+  """The evaluation's per-example scores (evaluation.py), one row per line."""
+  return os.path.join(run_dir, f"{_ABLATION_PREFIX}{split}_examples.jsonl")
+
+
+def ablation_report_path(run_dir, split):
+  """The evaluation's markdown table."""
+  return os.path.join(run_dir, f"{_ABLATION_PREFIX}{split}.md")
+
+
+def ablation_plot_path(run_dir, split):
+  """The evaluation's plot."""
+  return os.path.join(run_dir, f"{_ABLATION_PREFIX}{split}.png")
 
 
 def ablation_paths(run_dir):
@@ -121,6 +136,14 @@ def save_tokenizer(run_dir, tokenizer):
   staging = utils.temporary_path(target)
   tokenizer.save_pretrained(staging)
   tf.io.gfile.rename(staging, target)
+
+
+def save_final_model(run_dir, model, tokenizer):
+  """RUN/final_model: the model in Hugging Face format and its tokenizer, so
+  that `--model_key=RUN/final_model` is a whole checkpoint on its own."""
+  directory = path(run_dir, FINAL_MODEL_DIR)
+  model.save_pretrained(directory)
+  tokenizer.save_pretrained(directory)
 
 
 def tokenizer_dir(run_dir, config):

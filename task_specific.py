@@ -50,8 +50,11 @@ _INTERLEAVE_CYCLE = 4
 # ---------------------------------------------------------------------------
 
 
-def load_tokenizer(key_or_dir):
-  """The GPT-2 tokenizer at a hub key or in a local directory."""
+def load_tokenizer(key_or_dir, flag="--tokenizer"):
+  """The GPT-2 tokenizer at a hub key or in a local directory (`flag`: what
+  named it, for the message; a hub key offline is refused at once)."""
+  gpt2_weights.check_hub_name(key_or_dir, flag,
+                              gpt2_weights.TOKENIZER_VOCAB_NAME)
   try:
     return transformers.GPT2TokenizerFast.from_pretrained(key_or_dir)
   except (OSError, ValueError) as error:
@@ -255,6 +258,73 @@ def lay_out_example(question_ids, contexts, answer_ids, layout):
   return features
 
 
+def lay_out_answer_windows(question_ids, contexts, answer_ids, layout, stride):
+  """A whole answer of any length as windows that label each of its tokens once.
+
+  Every window is the prompt (`prompt_ids`) followed by a slice of the answer
+  and its EOS (the answer is not cut, so its EOS is always labelled, in the
+  last window), padded to `layout.sequence_length`. The first window labels
+  the first `max_answer_tokens` tokens; each later one labels the next
+  `stride` (the last one what is left), after the already-labelled answer
+  tokens that fit before them as unlabelled context: the answer's room is
+  `max_answer_tokens` tokens, one more in the last window (for the EOS), so a
+  window labelling `stride` tokens holds `max_answer_tokens - stride` tokens of
+  context and the last window at least that. An answer that fits whole gets
+  one window, `lay_out_example`'s features; a longer one's first window is
+  `lay_out_example`'s features of the cut answer. Tensor ops only (for
+  `tf.data`'s `flat_map`).
+
+  Args:
+    question_ids, contexts: as for `prompt_ids`.
+    answer_ids: int32 [n], the whole answer.
+    layout: a `Layout`.
+    stride: answer tokens labelled per window after the first, 1 ..
+      `max_answer_tokens` (which gives disjoint answer slices).
+
+  Returns:
+    A dict of int32 [num_windows, sequence_length] tensors: `input_ids`,
+    `attention_mask`, `label_mask`, each row as `lay_out_example`'s.
+  """
+  room = layout.max_answer_tokens
+  if not (isinstance(stride, int) and 1 <= stride <= room):
+    raise utils.UserError(
+        f"--eval_stride={stride}: expected an integer between 1 and "
+        f"--max_answer_tokens={room}")
+  prompt = prompt_ids(question_ids, contexts, layout)
+  labels = tf.concat([answer_ids, [layout.eos_id]], axis=0)
+  num_labels = tf.size(labels)
+  fits = num_labels <= room + 1
+  num_windows = 1 + tf.where(fits, 0, (num_labels - room + stride - 1) //
+                             stride)
+  window = tf.range(num_windows)
+  is_last = window == num_windows - 1
+  label_end = tf.where(is_last, num_labels, room + stride * window)
+  label_start = tf.concat([[0], label_end[:-1]], axis=0)
+  answer_begin = tf.maximum(
+      0, label_end - room - tf.cast(is_last, tf.int32))[:, None]
+  prompt_length = tf.size(prompt)
+  positions = tf.range(layout.sequence_length)[None, :]
+  # Position p >= prompt_length holds answer token p - prompt_length +
+  # answer_begin, which sits at p + answer_begin in `source`.
+  answer_index = positions - prompt_length + answer_begin
+  in_answer = (positions >= prompt_length) & (answer_index <
+                                             label_end[:, None])
+  real = (positions < prompt_length) | in_answer
+  source = tf.concat([prompt, labels, tf.fill([layout.sequence_length],
+                                              layout.eos_id)], axis=0)
+  ids = tf.gather(source, positions + tf.where(positions >= prompt_length,
+                                               answer_begin, 0))
+  features = {
+      "input_ids": tf.where(real, ids, layout.eos_id),
+      "attention_mask": tf.cast(real, tf.int32),
+      "label_mask": tf.cast(in_answer & (answer_index >= label_start[:, None]),
+                            tf.int32),
+  }
+  for tensor in features.values():
+    tensor.set_shape([None, layout.sequence_length])
+  return features
+
+
 # ---------------------------------------------------------------------------
 # Contexts
 # ---------------------------------------------------------------------------
@@ -273,6 +343,13 @@ class DataConfig:
   every_answer: bool = False
   seed: int = 0
   shuffle_buffer_size: int = 1000
+  # Evaluation conditions (`context_draw.Condition`): skip the best this many
+  # neighbours (distractors), and put the drawn contexts in a random order.
+  rank_offset: int = 0
+  shuffle_contexts: bool = False
+  # Evaluation: score a whole long answer in windows (`lay_out_answer_windows`)
+  # labelling this many tokens each after the first; 0 cuts it.
+  eval_stride: int = 0
 
 
 def check_data_config(config, manifest, cache_dir):
@@ -290,8 +367,9 @@ def check_data_config(config, manifest, cache_dir):
   if config.retrieval_temperature < 0:
     raise utils.UserError(
         f"retrieval temperature {config.retrieval_temperature}: must be >= 0")
-  neighbour_cache.check_manifest(manifest, cache_dir,
-                                 num_neighbours=config.num_retrievals)
+  neighbour_cache.check_manifest(
+      manifest, cache_dir,
+      num_neighbours=config.num_retrievals + config.rank_offset)
   bank_size = config.retrieval_bank_size
   if bank_size and not (config.num_retrievals <= bank_size <=
                         manifest["num_neighbours"]):
@@ -315,6 +393,11 @@ def no_contexts():
 # ---------------------------------------------------------------------------
 # The input pipeline
 # ---------------------------------------------------------------------------
+
+# The pipeline's functions are plain tensor code: AutoGraph has nothing to
+# convert in them, and converting reads their source file, so a job whose
+# sources are edited while it runs would trace the wrong function.
+_plain = tf.autograph.experimental.do_not_convert
 
 
 def _serialized_records(files, config, *, training, input_context):
@@ -345,13 +428,13 @@ def _serialized_records(files, config, *, training, input_context):
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if by_record:
       records = records.shard(num_pipelines, pipeline_id)
-    return records.map(lambda record: (epoch, record))
+    return records.map(_plain(lambda record: (epoch, record)))
 
   if not training:
     return one_epoch(tf.constant(0, tf.int64))
   # One pass over an endless stream: reshuffling per iteration would only
   # make the random-context partner stream differ from the main one.
-  return tf.data.Dataset.counter().flat_map(one_epoch).shuffle(
+  return tf.data.Dataset.counter().flat_map(_plain(one_epoch)).shuffle(
       config.shuffle_buffer_size, seed=config.seed,
       reshuffle_each_iteration=False)
 
@@ -375,23 +458,29 @@ def _with_random_partners(examples, *, training):
     return epoch, example
 
   return tf.data.Dataset.zip(examples, partners).map(
-      swap, num_parallel_calls=tf.data.AUTOTUNE)
+      _plain(swap), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _answer_examples(examples, every_answer):
   """(epoch, answer index, example): one per answer, or the first answer only."""
   if every_answer:
-    return examples.flat_map(
+    return examples.flat_map(_plain(
         lambda epoch, example: tf.data.Dataset.from_tensors(
             (epoch, example)).repeat(example["answers"].nrows()).enumerate()
-    ).map(lambda index, pair: (pair[0], index, pair[1]))
-  return examples.filter(
-      lambda epoch, example: example["answers"].nrows() > 0).map(
-          lambda epoch, example: (epoch, tf.constant(0, tf.int64), example))
+    )).map(_plain(lambda index, pair: (pair[0], index, pair[1])))
+  return examples.filter(_plain(
+      lambda epoch, example: example["answers"].nrows() > 0)).map(_plain(
+          lambda epoch, example: (epoch, tf.constant(0, tf.int64), example)))
 
 
-def make_example_fn(config, layout):
-  """(epoch, answer index, parsed example) -> laid-out features."""
+def make_example_fn(config, layout, *, with_key=False):
+  """(epoch, answer index, parsed example) -> laid-out features.
+
+  `with_key` (evaluation) gives the example's sequences along a leading axis
+  instead (one, or with `config.eval_stride` one per window of its answer),
+  with int64 `example_key` (a hash of the example's id) and `answer_index`,
+  by which an evaluation sums its scores per example.
+  """
 
   # Plain tensor code with no data-dependent Python control flow: AutoGraph
   # has nothing to convert, and reading sources mid-edit cannot break it.
@@ -404,12 +493,32 @@ def make_example_fn(config, layout):
     else:
       contexts = select_contexts(example["neighbours"],
                                  example["neighbour_scores"], seed, config)
-    features = lay_out_example(example["question_ids"], contexts,
-                               example["answers"][answer_index], layout)
-    features["dropout_seed"] = context_draw.dropout_seed(seed)
+    answer = example["answers"][answer_index]
+    if not with_key:
+      features = lay_out_example(example["question_ids"], contexts, answer,
+                                 layout)
+      features["dropout_seed"] = context_draw.dropout_seed(seed)
+      return features
+    if config.eval_stride:
+      features = lay_out_answer_windows(example["question_ids"], contexts,
+                                        answer, layout, config.eval_stride)
+    else:
+      features = {name: value[tf.newaxis] for name, value in lay_out_example(
+          example["question_ids"], contexts, answer, layout).items()}
+    windows = tf.shape(features["input_ids"])[0]
+    for name, value in (("dropout_seed", context_draw.dropout_seed(seed)),
+                        ("example_key", example_key(example["id"])),
+                        ("answer_index", answer_index)):
+      features[name] = tf.repeat(value[tf.newaxis], windows, axis=0)
     return features
 
   return example_fn
+
+
+def example_key(example_id):
+  """int64 in [0, 2**62): the key under which an evaluation finds an example
+  (`make_dataset`'s `example_key`); padding rows have -1."""
+  return tf.strings.to_hash_bucket_fast(example_id, 2**62)
 
 
 def _pad_batch(features, batch_size):
@@ -420,7 +529,7 @@ def _pad_batch(features, batch_size):
   padding = batch_size - tf.shape(features["input_ids"])[0]
   padded = {}
   for name, tensor in features.items():
-    value = 1 if name == "attention_mask" else 0
+    value = {"attention_mask": 1, "example_key": -1}.get(name, 0)
     padded[name] = tf.pad(tensor, [[0, padding]] + [[0, 0]] * (
         tensor.shape.rank - 1), constant_values=value)
     padded[name].set_shape([batch_size] + tensor.shape[1:])
@@ -448,26 +557,38 @@ def make_dataset(files, config, layout, *, batch_size, training,
   Returns:
     A tf.data.Dataset of dicts: int32 [batch_size, sequence_length]
     `input_ids`, `attention_mask`, `label_mask`, and int64 [batch_size, 2]
-    `dropout_seed` (stateless, per example).
+    `dropout_seed` (stateless, per example); in evaluation also int64
+    [batch_size] `example_key` and `answer_index` (`make_example_fn`).
   """
   records = _serialized_records(files, config, training=training,
                                 input_context=input_context)
-  examples = records.map(
-      lambda epoch, record: (epoch, neighbour_cache.parse_example(record)),
+  examples = records.map(_plain(
+      lambda epoch, record: (epoch, neighbour_cache.parse_example(record))),
       num_parallel_calls=tf.data.AUTOTUNE)
+  return batch_examples(examples, config, layout, batch_size=batch_size,
+                        training=training, batches_multiple=batches_multiple)
+
+
+def batch_examples(examples, config, layout, *, batch_size, training,
+                   batches_multiple=1):
+  """`make_dataset`'s batches from a dataset of (epoch, parsed example)
+  pairs (`neighbour_cache.parse_example`'s dicts), whatever their source."""
   if config.approach == context_draw.Approach.RANDOM_CONTEXT:
     examples = _with_random_partners(examples, training=training)
   examples = _answer_examples(examples, config.every_answer)
-  features = examples.map(make_example_fn(config, layout),
+  features = examples.map(make_example_fn(config, layout,
+                                          with_key=not training),
                           num_parallel_calls=tf.data.AUTOTUNE)
+  if not training:
+    features = features.unbatch()
   if training:
     batches = features.batch(batch_size, drop_remainder=True)
   else:
-    batches = features.batch(batch_size).map(
-        lambda batch: _pad_batch(batch, batch_size))
+    batches = features.batch(batch_size).map(_plain(
+        lambda batch: _pad_batch(batch, batch_size)))
     if batches_multiple > 1:
-      batches = batches.batch(batches_multiple).map(
-          lambda group: _pad_batch(group, batches_multiple)).unbatch()
+      batches = batches.batch(batches_multiple).map(_plain(
+          lambda group: _pad_batch(group, batches_multiple))).unbatch()
   options = tf.data.Options()
   options.deterministic = True
   # Sharding is done above, by file or by record, per input pipeline.
@@ -512,7 +633,16 @@ def load_model(model_key, *, devices=None, dtype=None, seed=0,
 
 
 def answer_loss_sum(model, batch, max_labels=None, *, training=False):
-  """(sum of the answer tokens' cross-entropy, number of answer tokens).
+  """(sum of the answer tokens' cross-entropy, number of answer tokens) over
+  the batch (`answer_losses_per_row`'s arguments)."""
+  row_loss_sums, row_tokens = answer_losses_per_row(
+      model, batch, max_labels, training=training)
+  return tf.reduce_sum(row_loss_sums), tf.reduce_sum(row_tokens)
+
+
+def answer_losses_per_row(model, batch, max_labels=None, *, training=False):
+  """float32 [B] sums of each row's answer-token cross-entropy, and float32
+  [B] counts of its answer tokens.
 
   The logits at position t predict token t + 1, so a label at position t + 1
   is scored by the logits at t. Dropout, when training, is stateless in the
@@ -551,5 +681,5 @@ def answer_loss_sum(model, batch, max_labels=None, *, training=False):
       labels=targets, logits=logits)
   # tf.where, not a product: a non-finite loss on a padded position must not
   # leak into the sum.
-  loss_sum = tf.reduce_sum(tf.where(scored, losses, 0.0))
-  return loss_sum, tf.reduce_sum(tf.cast(scored, tf.float32))
+  return (tf.reduce_sum(tf.where(scored, losses, 0.0), axis=1),
+          tf.reduce_sum(tf.cast(scored, tf.float32), axis=1))

@@ -566,3 +566,53 @@ def write_tfrecords(path, serialized_records):
       count += 1
   tf.io.gfile.rename(tmp, path, overwrite=True)
   return count
+
+
+def op_error_reason(error):
+  """The readable part of a TensorFlow op error's message (one line)."""
+  text = (str(error.message if isinstance(error, tf.errors.OpError)
+              else error).strip().splitlines() or [type(error).__name__])[0]
+  text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text)
+  return re.sub(r"\s*\[Op:\w+\].*$", "", text)[:200]
+
+
+# Bytes around each record's data in a TFRecord file: its length (8) and the
+# CRCs of the length (4) and of the data (4).
+_TFRECORD_FRAMING_BYTES = 16
+
+
+def count_tfrecords(path):
+  """Records in the (uncompressed) TFRecord file `path` (local or gs://).
+
+  A missing, corrupt or truncated file is a UserError naming it, why, and
+  how many records read before the damage. TensorFlow's reader takes a file
+  cut inside a record's header for a shorter whole file: the records' bytes
+  are summed and held against the file's size to catch that.
+  """
+  count, data_bytes = 0, 0
+  try:
+    for batch in tf.data.TFRecordDataset(path, buffer_size=8 << 20).batch(
+        4096):
+      count += int(batch.shape[0])
+      data_bytes += int(tf.reduce_sum(tf.strings.length(batch)))
+  except tf.errors.NotFoundError:
+    raise utils.UserError(f"{path}: does not exist") from None
+  except tf.errors.DataLossError as error:
+    # The batch that meets the damage is lost whole: its good records are
+    # counted one by one.
+    reason = op_error_reason(error)
+    try:
+      for _ in tf.data.TFRecordDataset(path).skip(count):
+        count += 1
+    except tf.errors.DataLossError:
+      pass
+    raise utils.UserError(
+        f"{path}: corrupt or truncated TFRecord file ({reason}) after "
+        f"{count} good records") from None
+  trailing = tf.io.gfile.stat(path).length - (
+      data_bytes + count * _TFRECORD_FRAMING_BYTES)
+  if trailing:
+    raise utils.UserError(
+        f"{path}: corrupt or truncated TFRecord file ({trailing} bytes after "
+        f"the last whole record) after {count} good records")
+  return count

@@ -1,10 +1,10 @@
-"""Training and the retrieval-ablation evaluation of GPT-2 on cached retrievals.
+"""Training GPT-2 on cached retrievals, with periodic evaluation.
 
   import training
   training.train(training.TrainConfig(model_key=..., cache_dir=...,
                                       output_dir=..., run_name=...,
                                       max_steps=1000))
-  training.evaluate(config)  # the same config: real, random and no contexts
+  evaluation.evaluate(config)  # the context-condition grid (evaluation.py)
 
 `main.py` is the command line over these two calls: its flags are the
 fields of `TrainConfig` (`cli.define_flags`). What a run directory holds is
@@ -26,6 +26,7 @@ import tensorflow as tf
 import tqdm
 
 import context_draw
+import gpt2_weights
 import kilt_files
 import modeling_tf_gpt2_model_par as modeling
 import neighbour_cache
@@ -107,6 +108,25 @@ class TrainConfig:
       500, "Evaluate every this many steps; 0: never.")
   number_eval_batches: int = setting(
       0, "Global batches per evaluation; 0: the whole split.")
+  conditions: tuple = setting(
+      context_draw.DEFAULT_CONDITIONS,
+      "--task=evaluate: the context conditions to score, some of "
+      f"{', '.join(context_draw.CONDITIONS)} (README: \"Did it use its "
+      "retrievals?\").")
+  eval_stride: int = setting(
+      0, "--task=evaluate: score answers longer than --max_answer_tokens "
+      "whole, in windows: after the first, each scores the next this many "
+      "answer tokens, the ones before as context (1 .. --max_answer_tokens); "
+      "0: cut them.")
+  distractor_offset: int = setting(
+      0, "The distractor condition's contexts are the neighbours ranked "
+      "this .. this + --num_retrievals - 1; 0: --num_retrievals.")
+  gold_contexts_path: typing.Optional[str] = setting(
+      None, "The gold condition's contexts file (jsonl: id, input, answer, "
+      "contexts); the demo world writes one.")
+  counterfactual_path: typing.Optional[str] = setting(
+      None, "The counterfactual conditions' contexts file (jsonl: id, input, "
+      "the counterfactual answer, its contexts); the demo world writes one.")
   log_every_steps: int = setting(
       10, "Write training summaries every this many steps.")
   log_samples: int = setting(
@@ -166,7 +186,9 @@ def config_from_values(values, where):
 _FREE_ON_RESUME = frozenset({
     "tokenizer", "output_dir", "run_name", "eval_split",
     "eval_retrieval_temperature", "batches_between_evals",
-    "number_eval_batches", "log_every_steps", "log_samples",
+    "number_eval_batches", "conditions", "eval_stride", "distractor_offset",
+    "gold_contexts_path", "counterfactual_path", "log_every_steps",
+    "log_samples",
     "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
     "batch_split", "model_devices",
     "experimental_compile", "recompute", "distribute_mode", "devices", "tpu",
@@ -175,10 +197,6 @@ _FREE_ON_RESUME = frozenset({
 _STOP_SETTINGS = frozenset({"max_steps", "max_epochs"})
 # What to do with the run, not how it is made: neither compared nor recorded.
 _NOT_SETTINGS = frozenset({"allow_changed_settings"})
-# The evaluation's context conditions: name -> approach.
-ABLATIONS = {"real": context_draw.Approach.CACHED_PRETOK,
-             "random": context_draw.Approach.RANDOM_CONTEXT,
-             "none": context_draw.Approach.NAKED_LM}
 
 
 def _required(value, name):
@@ -209,6 +227,9 @@ def check_config(config):
     value = getattr(config, name)
     if not (math.isfinite(value) and value > 0):
       raise utils.UserError(f"--{name}={value}: expected a number > 0")
+  utils.check_output_path(config.output_dir, "--output_dir", directory=True)
+  if config.output_dir and config.run_name:
+    utils.check_output_path(config.run_dir, "--run_name", directory=True)
 
 
 _MODEL_CONFIG_TYPES = {
@@ -253,10 +274,16 @@ class Setup:
     if run_config is None:
       model_key = _required(config.model_key, "model_key")
       _check_model_config_file(model_key)
+      # Before the tokenizer, which may be the hub's too.
+      gpt2_weights.check_hub_name(model_key, "--model_key")
       tokenizer_key = config.tokenizer or self.manifest["tokenizer"]
+      tokenizer_flag = ("--tokenizer" if config.tokenizer else
+                        f"--tokenizer (the default, {self.cache_dir}'s)")
     else:
       tokenizer_key = run_directory.tokenizer_dir(self.run_dir, run_config)
-    self.tokenizer = task_specific.load_tokenizer(tokenizer_key)
+      tokenizer_flag = f"the tokenizer of {self.run_dir}"
+    self.tokenizer = task_specific.load_tokenizer(tokenizer_key,
+                                                  tokenizer_flag)
     self.strategy = tf_utils.strategy_from_config(config.strategy)
     self.model_devices = None
     if config.model_devices:
@@ -361,19 +388,26 @@ class Setup:
                                 for name, change in changed.items()))
     run_directory.write_config(self.run_dir, config)
 
-  def eval_dataset(self, data_config, split, number_batches):
-    """Distributed evaluation batches; every worker reads the whole split."""
+  def eval_dataset(self, data_config, split, number_batches,
+                   examples_fn=None):
+    """Distributed evaluation batches; every worker reads the whole split,
+    or the (epoch, parsed example) pairs `examples_fn()` makes."""
     per_replica = self.eval_batch_size // self.num_replicas
-    files = self.files(split)
+    files = self.files(split) if examples_fn is None else None
     layout = self.layout
 
     def dataset_fn(input_context):
       self.eval_pipelines = input_context.num_input_pipelines
       replicas_here = input_context.num_replicas_in_sync // (
           input_context.num_input_pipelines)
-      dataset = task_specific.make_dataset(
-          files, data_config, layout, batch_size=per_replica, training=False,
-          batches_multiple=replicas_here)
+      if examples_fn is None:
+        dataset = task_specific.make_dataset(
+            files, data_config, layout, batch_size=per_replica,
+            training=False, batches_multiple=replicas_here)
+      else:
+        dataset = task_specific.batch_examples(
+            examples_fn(), data_config, layout, batch_size=per_replica,
+            training=False, batches_multiple=replicas_here)
       if number_batches:
         dataset = dataset.take(number_batches * replicas_here)
       return dataset
@@ -415,7 +449,7 @@ def _has_answers(files, split):
     ) from None
 
 
-def _check_split_has_answers(setup, split, use):
+def check_split_has_answers(setup, split, use):
   """A UserError when `split` (checked to exist) has no answer to score."""
   if not _has_answers(setup.files(split), split):
     raise utils.UserError(
@@ -493,7 +527,7 @@ def make_eval_fn(setup):
 # ---------------------------------------------------------------------------
 
 
-def _check_batch(setup):
+def check_batch(setup):
   batch_size, batch_split = setup.config.batch_size, setup.config.batch_split
   if batch_size < 1 or batch_split < 1 or batch_size % (
       setup.num_replicas * batch_split):
@@ -612,7 +646,7 @@ def train(config):
 
 def _train(setup):
   """Validates everything, then trains (the caller holds the run's lock)."""
-  _check_batch(setup)
+  check_batch(setup)
   if setup.config.retrieval_temperature <= 0:
     raise utils.UserError(
         f"--retrieval_temperature={setup.config.retrieval_temperature}: must be "
@@ -623,13 +657,15 @@ def _train(setup):
   eval_config = setup.data_config(setup.config.approach_type,
                                   setup.config.eval_retrieval_temperature)
   train_files = setup.files("train")
+  neighbour_cache.check_shards_exist(setup.cache_dir, train_files, "train")
   if not setup.manifest["splits"]["train"]["num_records"]:
     raise utils.UserError(
         f"{setup.cache_dir}: the train split has no questions, expected a "
         f"cache made from a non-empty {kilt_files.ELI5_SPLIT_FILES['train']}")
   if setup.config.batches_between_evals:
-    _check_split_has_answers(setup, setup.config.eval_split,
-                             "the periodic evaluation (--batches_between_evals)")
+    check_split_has_answers(
+        setup, setup.config.eval_split,
+        "the periodic evaluation (--batches_between_evals)")
   run_config, changed_settings = setup.check_run_config()
   metrics = _Metrics(
       run_directory.path(setup.run_dir, run_directory.METRICS_NAME),
@@ -678,7 +714,8 @@ def _train(setup):
       list(model.variables) + list(optimizer.variables))
   writers = _summary_writers(setup)
   if int(step) == 0:
-    _log_samples(setup, train_files, train_config, writers["train"])
+    with neighbour_cache.reading_shards(setup.cache_dir, train_files, "train"):
+      _log_samples(setup, train_files, train_config, writers["train"])
 
   last_save_time = time.time()
   window_start, window_tokens = time.time(), 0.0
@@ -715,9 +752,12 @@ def _train(setup):
       window_start, window_tokens = time.time(), 0.0
     if (setup.config.batches_between_evals and
         current % setup.config.batches_between_evals == 0):
-      result = evaluate(setup.eval_dataset(
-          eval_config, setup.config.eval_split,
-          setup.config.number_eval_batches), "eval")
+      with neighbour_cache.reading_shards(
+          setup.cache_dir, setup.files(setup.config.eval_split),
+          setup.config.eval_split):
+        result = evaluate(setup.eval_dataset(
+            eval_config, setup.config.eval_split,
+            setup.config.number_eval_batches), "eval")
       _write_scalars(writers["eval"], result, current)
       metrics.write({"step": current,
                      **{f"eval_{k}": v for k, v in result.items()}})
@@ -735,8 +775,7 @@ def _train(setup):
       last_save_time = time.time()
   progress.close()
   if setup.is_chief:
-    model.save_pretrained(
-        run_directory.path(setup.run_dir, run_directory.FINAL_MODEL_DIR))
+    run_directory.save_final_model(setup.run_dir, model, setup.tokenizer)
     # Written last: scripts (the demo) take it to mean "training finished".
     utils.atomic_write_json(done_path, {
         "step": int(step), "final_model": run_directory.FINAL_MODEL_DIR,
@@ -766,7 +805,8 @@ def _train_input(setup, files, data_config):
   first_replica = setup.worker_index * local_replicas
 
   def next_batch():
-    batch = next(iterator)
+    with neighbour_cache.reading_shards(setup.cache_dir, files, "train"):
+      batch = next(iterator)
 
     def replica_batch(context):
       start = (context.replica_id_in_sync_group - first_replica) * per_replica
@@ -810,48 +850,3 @@ def _log_samples(setup, files, data_config, writer):
   with writer.as_default(step=0):
     tf.summary.text("samples (⟦no loss⟧)",
                     "\n\n---\n\n".join(f"```\n{t}\n```" for t in texts))
-
-
-# ---------------------------------------------------------------------------
-# Evaluation: the retrieval ablation
-# ---------------------------------------------------------------------------
-
-def evaluate(config):
-  """Answer perplexity of the run's latest checkpoint on `config.eval_split`
-  with real, random and no contexts (ABLATIONS); writes
-  RUN/ablation_{split}.json and returns its table."""
-  check_config(config)
-  run_dir = config.run_dir
-  if not run_directory.exists(run_dir):
-    raise utils.UserError(
-        f"{run_dir}: no run here (no config.json), expected a run directory "
-        "made by --task=train: check --output_dir and --run_name")
-  with run_directory.lock(
-      run_dir, tf_utils.task_name(config.strategy.distribute_mode),
-      create=False):
-    return _evaluate(Setup(config, run_directory.read_config(run_dir)))
-
-
-def _evaluate(setup):
-  _check_batch(setup)
-  split = setup.config.eval_split
-  _check_split_has_answers(setup, split, "--task=evaluate")
-  configs = {name: setup.data_config(approach,
-                                     setup.config.eval_retrieval_temperature)
-             for name, approach in ABLATIONS.items()}
-  _, step = run_directory.restore_model(setup.run_dir, setup.model)
-  evaluate = make_eval_fn(setup)
-  table = {}
-  for name, config in configs.items():
-    table[name] = evaluate(setup.eval_dataset(
-        config, split, setup.config.number_eval_batches), name)
-    table[name]["checkpoint_step"] = step
-    logging.info("%s contexts: answer perplexity %s over %d tokens", name,
-                 table[name]["answer_ppl"], table[name]["answer_tokens"])
-  if setup.is_chief:
-    utils.atomic_write_json(run_directory.ablation_path(setup.run_dir, split),
-                            table)
-  print(json.dumps({name: None if row["answer_ppl"] is None
-                    else round(row["answer_ppl"], 4)
-                    for name, row in table.items()}))
-  return table

@@ -3,12 +3,14 @@
 Bad input must end a run with one line naming the file, field or flag and what
 was expected, a non-zero exit, and nothing half-written that looks complete.
 Library code raises `UserError(message)`; entry scripts start with
-`utils.run(main)`, which prints `error: message` on stderr and exits with 2.
+`cli.run(main)` (`guarded`), which prints `error: message` on stderr and
+exits with 2; so does a full disk or a read-only file system met mid-run.
 Files are written to a temporary name and renamed when complete.
 """
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -16,9 +18,9 @@ import socket
 import sys
 import uuid
 
-from absl import app
 from absl import logging
 import tensorflow as tf
+import tqdm
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -27,8 +29,20 @@ class UserError(Exception):
   """A problem with the user's input: reported as one line, no traceback."""
 
 
-def run(main, takes_arguments=False):
-  """`absl.app.run(main)`, with `UserError` reported as one line and exit 2.
+# OS errors that mean "the machine cannot take the write", reported as one
+# line like bad input.
+_ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def _exit_with(message):
+  # Through tqdm: on a line of its own, not after a progress bar.
+  tqdm.tqdm.write(f"error: {message}", file=sys.stderr)
+  sys.stderr.flush()
+  sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def guarded(main, takes_arguments=False):
+  """`main(argv)` with a `UserError` reported as one line and exit 2.
 
   Positional arguments (a misspelt flag, a stray word) are refused unless the
   script `takes_arguments`.
@@ -40,10 +54,17 @@ def run(main, takes_arguments=False):
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
       return main(argv)
     except UserError as error:
-      print(f"error: {error}", file=sys.stderr, flush=True)
-      sys.exit(USER_ERROR_EXIT_CODE)
+      _exit_with(str(error))
+    except OSError as error:
+      # A full disk or a location that turned read-only mid-run: the
+      # environment, not a bug; what was written so far is still whole
+      # (writes go through temporary names), so rerunning resumes.
+      if error.errno not in _ENVIRONMENT_ERRNOS:
+        raise
+      _exit_with(f"{error.filename or 'a write'}: {error.strerror}, expected "
+                 "room to write there (free space, then rerun to resume)")
 
-  app.run(guarded_main)
+  return guarded_main
 
 
 def temporary_path(path):
@@ -80,6 +101,46 @@ def read_json(path, what="JSON file"):
 def makedirs(path):
   tf.io.gfile.makedirs(path)
   return path
+
+
+def check_output_path(path, flag, *, directory=False):
+  """Refuses, before any work, an output location that cannot be written.
+
+  A local `path` (a file, or with `directory` a directory, made if missing)
+  must not exist as the other kind, its nearest existing ancestor must be a
+  directory (not a regular file), and that ancestor, or `path` itself when it
+  exists, must be writable. Object-store paths (gs://) are left to the write:
+  they have no directories or permissions to check up front.
+
+  Args:
+    path: the output location.
+    flag: the flag (or field) that named it, for the message, e.g.
+      "--output_dir".
+    directory: whether `path` is a directory to write into.
+  """
+  if not path or "://" in path:
+    return
+  where = f"{flag}={path}"
+  absolute = os.path.abspath(path)
+  if os.path.exists(absolute):
+    if directory and not os.path.isdir(absolute):
+      raise UserError(f"{where}: is a file, expected a directory")
+    if not directory and os.path.isdir(absolute):
+      raise UserError(f"{where}: is a directory, expected a file path")
+    if not os.access(absolute, os.W_OK | (os.X_OK if directory else 0)):
+      raise UserError(f"{where}: not writable, expected a location this user "
+                      "may write")
+    if directory or os.access(os.path.dirname(absolute), os.W_OK | os.X_OK):
+      return
+  ancestor = os.path.dirname(absolute)
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise UserError(f"{where}: {ancestor} is a file, expected a directory "
+                    "there (or nothing, to be made)")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise UserError(f"{where}: {ancestor} is not writable, expected a "
+                    "location this user may write")
 
 
 

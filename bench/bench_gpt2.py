@@ -28,6 +28,7 @@ import transformers
 
 # Run as a script from the repository root or anywhere: the modules live one up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 import decoding  # pylint: disable=g-import-not-at-top,wrong-import-position
 import modeling_tf_gpt2_model_par as gpt2  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -195,4 +196,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)

@@ -20,6 +20,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 import context_draw  # pylint: disable=g-import-not-at-top,wrong-import-position
 import neighbour_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
 import settings  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -109,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)

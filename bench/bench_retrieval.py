@@ -38,6 +38,7 @@ import tqdm
 # Run as a script from the repository root or anywhere: the modules live one up.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrieval_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrievers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -391,4 +392,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)

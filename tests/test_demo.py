@@ -66,9 +66,14 @@ def test_every_stage_writes_its_outputs(demo):
   for run in demo_layout.TRAIN_RUNS:
     expected += [f"runs/{run}/{name}" for name in
                  ("done.json", "metrics.jsonl", "ablation_validation.json")]
-  for run in demo_layout.GENERATION_RUNS:
+  expected += [f"runs/{demo_layout.GRID_RUN}/ablation_validation{suffix}"
+               for suffix in (".md", ".png", "_examples.jsonl")]
+  for run in demo_layout.GENERATION_RUNS + (
+      demo_layout.RANDOM_CONTEXT_GENERATION,):
     expected += [f"generations/{run}/generations.jsonl",
                  f"generations/{run}/kilt_metrics.json"]
+  expected += [os.path.relpath(path, output_dir)
+               for path in demo_layout.grounding_paths(str(output_dir))]
   for name in expected:
     path = os.path.join(output_dir, name)
     assert os.path.getsize(path) > 0, path
@@ -76,7 +81,7 @@ def test_every_stage_writes_its_outputs(demo):
     with open(os.path.join(output_dir, plot), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # Progress is visible, and the table is printed as well as written.
-  assert ("[demo 11/11] generate naked: running generation_lib.generate"
+  assert ("[demo 13/13] grounding: running kilt_metrics.evaluate_files"
           in stdout)
   with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
     assert _table_rows(f.read()) == _table_rows(stdout)
@@ -156,9 +161,25 @@ def test_rerun_reuses_every_stage(demo):
     assert f.read() == report
 
 
+@pytest.mark.slow
 def test_a_failing_stage_is_one_line_naming_it(tmp_path):
   result = _run_script(tmp_path, "--num_train=0")
   assert result.returncode == utils.USER_ERROR_EXIT_CODE
   assert result.stderr.strip().splitlines()[-1] == (
       "error: stage 'world' failed: --num_train=0: expected at least 1; "
       "rerun to resume")
+
+
+@pytest.mark.slow
+def test_report_shows_the_grid_the_counterfactual_and_the_grounding(demo):
+  output_dir, _ = demo
+  with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
+    report = f.read()
+  grid = utils.read_json(os.path.join(
+      output_dir, "runs", demo_layout.GRID_RUN, "ablation_validation.json"))
+  for condition, entry in grid.items():
+    assert f"| {condition} | {entry['examples']} |" in report
+  assert "- counterfactual: perplexity of the swapped facts" in report
+  grounding = utils.read_json(demo_layout.grounding_paths(str(output_dir))[0])
+  assert "longest_gold_answer" in grounding["baselines"]
+  assert "- grounding, real − random contexts:" in report

@@ -1,7 +1,7 @@
 """util_scripts/export_hf.py: a hub-style export that transformers' PyTorch and TF GPT-2 load with our logits.
 
 The run is the cheapest real one: cache_fixtures' tiny training world, trained
-for two steps and evaluated in-process (`training.train`, `training.evaluate`).
+for two steps and evaluated in-process (`training.train`, `evaluation.evaluate`).
 The export runs as users run it, in a subprocess (importing an entry script
 would define its flags in the test process); the export is then loaded in
 this process by transformers' PyTorch and TF GPT-2 and GPT2TokenizerFast.
@@ -22,6 +22,7 @@ import torch
 import transformers
 
 import cache_fixtures
+import evaluation
 import run_dir as run_dir_lib
 import settings
 import task_specific
@@ -91,7 +92,7 @@ def fixture_run_dir(tmp_path_factory):
       "max_steps": TRAIN_STEPS, "batches_between_evals": 0, "log_samples": 0,
       "shuffle_buffer_size": 16}, "test")
   training.train(config)
-  training.evaluate(config)
+  evaluation.evaluate(config)
   return str(root / "runs" / "run")
 
 

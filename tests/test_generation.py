@@ -9,6 +9,7 @@ trained for a few steps (`training.train`).
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -407,20 +408,26 @@ def test_output_is_continued_only_under_its_config(tmp_path):
 
 
 def test_bad_inputs_are_one_line(world, tmp_path):
-  """Acceptance 5 on the command line (refused before any model is built)."""
-  output = f"--output_path={tmp_path / 'out' / 'g.jsonl'}"
-  one_line_error(run("generation.py", f"--run_dir={world['run']}", output,
-                     "--decoding=beam", "--num_beams=3", "--top_p=0.5"),
+  """Acceptance 5: refused before any model is built; one case on the
+  command line (exit 2, one line), the others in-process."""
+  output = tmp_path / "out" / "g.jsonl"
+  one_line_error(run("generation.py", f"--run_dir={world['run']}",
+                     f"--output_path={output}", "--decoding=beam",
+                     "--num_beams=3", "--top_p=0.5"),
                  "--top_p=0.5 applies only to --decoding=sampling")
-  one_line_error(run("generation.py", f"--run_dir={world['run']}", output,
-                     "--split=test", "--evaluate",
-                     f"--gold_path={world['gold']}"),
-                 "--evaluate: the test split has no gold answers")
   bad_map = tmp_path / "title_map.json"
   bad_map.write_text('{"Sky": 11}')
-  one_line_error(run("generation.py", f"--run_dir={world['run']}", output,
-                     f"--kilt_title_map={bad_map}"),
-                 "title 'Sky' maps to 11, expected a wikipedia_id string")
+  cases = {
+      "--evaluate: the test split has no gold answers": dict(
+          split="test", evaluate=True, gold_path=world["gold"]),
+      "title 'Sky' maps to 11, expected a wikipedia_id string": dict(
+          kilt_title_map=str(bad_map)),
+  }
+  for message, overrides in cases.items():
+    with pytest.raises(utils.UserError, match=re.escape(message)) as error:
+      generate(run_dir=world["run"], output_path=str(output), **overrides)
+    assert "\n" not in str(error.value)
+  assert not output.parent.exists()
 
 
 def test_a_second_generation_into_one_output_fails_naming_the_holder(

@@ -126,6 +126,7 @@ def test_metric_values_by_hand():
   assert kilt_metrics.exact_match("An apple.", "apple")
 
 
+@pytest.mark.slow
 def test_rouge_l_of_a_long_sentence_does_not_hit_the_recursion_limit():
   words = " ".join(f"w{i % 97}" for i in range(1500))
   assert kilt_metrics.rouge_l(words, words) == pytest.approx(1.0, abs=1e-6)
@@ -148,6 +149,26 @@ def test_baselines_are_seeded_and_follow_krishna_et_al():
       gold_records, train_records, seed=seed) != first for seed in range(4, 8))
 
 
+def test_per_example_scores_average_to_the_corpus_metrics_with_intervals():
+  gold_records = [_gold(f"id{i}", f"question {i}", answers)
+                  for i, (_, answers) in enumerate(FIXTURE_CASES.values())]
+  predictions = {f"id{i}": prediction
+                 for i, (prediction, _) in enumerate(FIXTURE_CASES.values())}
+  scores, _ = kilt_metrics.answer_scores(gold_records, predictions)
+  metrics = kilt_metrics.corpus_metrics(gold_records, predictions)
+  assert [row["id"] for row in scores] == list(predictions)
+  for name in kilt_metrics.INTERVAL_METRICS:
+    interval = metrics["intervals"][name]
+    mean = sum(row[name] for row in scores) / len(scores)
+    assert metrics[name] == pytest.approx(mean, abs=1e-12)
+    assert interval["estimate"] == pytest.approx(mean, abs=1e-12)
+    assert interval["low"] <= interval["estimate"] <= interval["high"]
+    assert interval["num_examples"] == len(FIXTURE_CASES)
+  assert metrics["intervals"]["rougeL"]["low"] < metrics["rougeL"] < (
+      metrics["intervals"]["rougeL"]["high"])
+  assert metrics["num_empty_predictions"] == 2
+
+
 def _write_jsonl(path, records):
   with open(path, "w", encoding="utf-8") as f:
     for record in records:
@@ -167,6 +188,7 @@ def _all_guesses():
           for i, (prediction, _) in enumerate(FIXTURE_CASES.values())]
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_markdown_with_baselines(tmp_path, gold_path):
   guess_path = _write_jsonl(tmp_path / "guess.jsonl", _all_guesses())
   train_path = _write_jsonl(tmp_path / "train.jsonl", [
@@ -188,7 +210,8 @@ def test_cli_writes_json_and_markdown_with_baselines(tmp_path, gold_path):
     assert result[metric] == pytest.approx(expected[metric], abs=1e-12)
     assert 0.0 <= result[metric] <= 1.0
   assert result["num_examples"] == len(FIXTURE_CASES)
-  assert set(result["baselines"]) == {"copy_input", "random_train_answer"}
+  assert set(result["baselines"]) == {"copy_input", "random_train_answer",
+                                      "longest_gold_answer"}
   table = markdown_path.read_text()
   assert table in completed.stdout
   assert f"| guess.jsonl | {100 * expected['rougeL']:.2f} |" in table
@@ -237,6 +260,7 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path, gold_lines, guess_lines,
     kilt_metrics.evaluate_files(gold_path, guess_path)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
   gold_path = _write_jsonl(tmp_path / "test.jsonl",
                            [{"id": "a", "input": "a test question"}])
@@ -491,6 +515,7 @@ def _page(page_id, title):
           "categories": "", "history": {}, "wikidata_info": {}}
 
 
+@pytest.mark.slow
 def test_title_map_cli_keeps_the_first_page_of_a_title(tmp_path):
   source = _write_jsonl(tmp_path / kilt_files.KNOWLEDGE_SOURCE_FILE, [
       _page("12", "Anarchism"), _page("25", "Autism"), "",
@@ -625,6 +650,7 @@ def _run_cache_eval(world, *flags):
       text=True, check=False)
 
 
+@pytest.mark.slow
 def test_retriever_alone_equals_kilt_on_its_top_cached_blocks(cache_world):
   num_provenance = 4
   output = cache_world["tmp"] / "retriever.json"

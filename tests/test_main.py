@@ -1,8 +1,9 @@
 """main.py as a process: what only a process of its own shows.
 
-The command-line contract (a bad input exits 2 with one line; `--help` loads
-neither ScaNN nor TF-Hub), kill -9 then rerun, two jobs on one run
-directory, and multi-worker runs (two workers, a missing one, a dying one).
+The command-line contract (`--help` loads neither ScaNN nor TF-Hub; a bad
+input exits 2 with one line: test_bad_inputs.py), kill -9 then rerun, two
+jobs on one run directory, and multi-worker runs (two workers, a missing one,
+a dying one).
 Training itself is tested in-process, through `training.train`, in
 test_training.py.
 """
@@ -74,15 +75,6 @@ def test_help_imports_neither_scann_nor_tensorflow_hub():
                           timeout=300)
   assert "--model_key" in result.stdout, result.stderr[-2000:]
   assert json.loads(result.stdout.splitlines()[-1]) == []
-
-
-def test_bad_input_exits_2_with_one_line(world, tmp_path):
-  """Acceptance 8, as a user sees it: one `error:` line, exit code 2."""
-  result = subprocess.run(
-      _command(world, tmp_path, "bad", num_retrievals=5), env=_environment(),
-      capture_output=True, text=True)
-  line = _one_error_line(result.returncode, result.stderr)
-  assert "neighbours asked for" in line
 
 
 @pytest.mark.slow

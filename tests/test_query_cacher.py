@@ -396,6 +396,25 @@ def test_old_manifest_without_titles_path_reads_as_none(tmp_path):
   assert neighbour_cache.read_manifest(str(tmp_path))["titles_path"] is None
 
 
+def test_old_manifest_without_tokenizer_fingerprint_is_read_with_a_warning(
+    tmp_path, caplog):
+  """Caches made before the fingerprint stay readable: the vocabulary size
+  alone is checked, and a warning says so; a fingerprint that differs is
+  refused (issue 13: a manifest copied from another tokenizer's cache)."""
+  manifest = cache_fixtures.write_cache(
+      str(tmp_path), {"validation": cache_fixtures.random_records(
+          2, num_neighbours=2, vocab_size=50, seed=0)},
+      num_neighbours=2, vocab_size=50)
+  del manifest["tokenizer_fingerprint"]
+  neighbour_cache.check_manifest(manifest, str(tmp_path), vocab_size=50,
+                                 tokenizer_fingerprint="any")
+  assert "predates tokenizer fingerprints" in caplog.text
+  with pytest.raises(utils.UserError, match="differs from the tokenizer"):
+    neighbour_cache.check_manifest(
+        {**manifest, "tokenizer_fingerprint": "another"}, str(tmp_path),
+        vocab_size=50, tokenizer_fingerprint="any")
+
+
 def _write_config(path, **config):
   with open(path, "w", encoding="utf-8") as f:
     json.dump(config, f)

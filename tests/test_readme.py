@@ -8,21 +8,24 @@ targets that exist (whose own recipes are checked the same way). The section
 between `<!-- section:flags -->` and `<!-- /section:flags -->` must document
 every flag of every entry script, under that script's heading.
 
-A script's flags are read from the script itself, run once in a subprocess
-with absl's `--helpxml` (importing the entry scripts into one process would
-define the same flag names twice).
+A script's flags are read from the script itself: one subprocess imports the
+entry scripts one after another (not as `__main__`, so none runs), lists the
+flags each defined and deletes them before the next (the scripts share flag
+names). A script's flags are absl's own (`--flagfile`, `--helpfull`, logging)
+and those of the project's modules; flags that third-party libraries define
+when imported (TensorFlow defines some) are not counted, so that the answer
+does not depend on which script imported a library first.
 """
 
-import concurrent.futures
 import dataclasses
 import functools
 import glob
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
-import xml.etree.ElementTree as ElementTree
 
 import pytest
 
@@ -30,7 +33,7 @@ import json_to_args
 import settings
 import utils
 
-# Slow, the whole module (every entry script's --helpxml, one TensorFlow start-up each):
+# Slow, the whole module (one process imports every entry script):
 # not in `make test-fast`.
 pytestmark = pytest.mark.slow
 
@@ -71,13 +74,13 @@ def entry_scripts():
 
 
 # --------------------------------------------------------------------------
-# A script's flags, from `python SCRIPT --helpxml`.
+# A script's flags, from one process that imports the entry scripts in turn.
 
 
 @dataclasses.dataclass
 class ScriptFlags:
   script: str
-  flags: dict  # name -> {"file", "type", "default", "meaning", "enum"}
+  flags: dict  # name -> {"file": defining module, "type": absl's flag type}
   error: str = ""
 
   @property
@@ -107,48 +110,76 @@ def _is_project_module(module):
   return os.path.exists(os.path.join(REPO, *module.split(".")) + ".py")
 
 
-def read_script_flags(script):
-  """ScriptFlags of one repo-relative script, by running it with --helpxml."""
+# Run as `python -c _LIST_FLAGS REPO SCRIPT...` in REPO; prints JSON {"absl":
+# [absl's flags], "scripts": {script: {"flags": {name: {"file", "type"}}} or
+# {"error": traceback}}}. Each script is imported as `python SCRIPT` would
+# import it (its directory first on sys.path, sys.argv[0] the script), under
+# the name `python SCRIPT` gives its flags' module: the script's path.
+_LIST_FLAGS = """
+import json, os, runpy, sys, traceback
+from absl import app, flags
+app.define_help_flags()  # As app.run does before it parses the flags.
+absl_flags = set(flags.FLAGS)
+repo, scripts = sys.argv[1], sys.argv[2:]
+search_path = sys.path[1:]
+found = {}
+for script in scripts:
+  sys.path[:] = [os.path.dirname(os.path.join(repo, script))] + search_path
+  sys.argv = [script]
+  try:
+    runpy.run_path(script, run_name=script)
+  except BaseException:  # SystemExit too: report it, go on with the next.
+    found[script] = {"error": traceback.format_exc()[-1500:]}
+  else:
+    found[script] = {"flags": {  # By long name, as --helpxml lists them.
+        flag.name: {"file": module, "type": flag.flag_type()}
+        for module, module_flags in flags.FLAGS.flags_by_module_dict().items()
+        for flag in module_flags}}
+  for name in set(flags.FLAGS) - absl_flags:
+    delattr(flags.FLAGS, name)
+print(json.dumps({"absl": sorted(absl_flags), "scripts": found}))
+"""
+
+
+def read_script_flags(scripts):
+  """{script: ScriptFlags} of repo-relative scripts, from one subprocess."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  scripts = sorted(set(scripts))
   try:
     result = subprocess.run(
-        [sys.executable, script, "--helpxml"], cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=240)
+        [sys.executable, "-c", _LIST_FLAGS, REPO, *scripts], cwd=REPO,
+        env=env, capture_output=True, text=True, timeout=600)
   except subprocess.TimeoutExpired:
-    return ScriptFlags(script, {}, "`--helpxml` timed out")
-  start = result.stdout.find("<?xml")
-  end = result.stdout.rfind("</AllFlags>")
-  if start < 0 or end < 0:
-    return ScriptFlags(script, {}, "`--helpxml` printed no flags "
-                       f"(exit {result.returncode}): {result.stderr[-1500:]}")
-  root = ElementTree.fromstring(
-      result.stdout[start:end + len("</AllFlags>")].encode("utf-8"))
-  flags = {}
-  for element in root.iter("flag"):
-    flags[element.findtext("name")] = {
-        "file": element.findtext("file") or "",
-        "type": element.findtext("type") or "",
-        "default": element.findtext("default") or "",
-        "meaning": element.findtext("meaning") or "",
-        "enum": [e.text for e in element.findall("enum_value")],
-    }
-  return ScriptFlags(script, flags)
+    return {script: ScriptFlags(script, {}, "listing its flags timed out")
+            for script in scripts}
+  if result.returncode != 0:
+    return {script: ScriptFlags(script, {}, "listing the flags failed (exit "
+                                f"{result.returncode}): {result.stderr[-1500:]}")
+            for script in scripts}
+  listed = json.loads(result.stdout.splitlines()[-1])
+  absl_flags = set(listed["absl"])
+  found = {}
+  for script, entry in listed["scripts"].items():
+    if "error" in entry:
+      found[script] = ScriptFlags(script, {}, "importing it failed: " +
+                                  entry["error"])
+      continue
+    found[script] = ScriptFlags(script, {
+        name: info for name, info in entry["flags"].items()
+        if name in absl_flags or _is_project_module(info["file"])})
+  return found
 
 
 class FlagCache:
-  """ScriptFlags per script, each script run at most once."""
+  """ScriptFlags per script, each script imported at most once."""
 
   def __init__(self, prefetch):
-    self._cache = {}
-    workers = max(1, min(2, os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      for flags in pool.map(read_script_flags, sorted(set(prefetch))):
-        self._cache[flags.script] = flags
+    self._cache = read_script_flags(prefetch)
 
   def get(self, script):
     script = _rel(script)
     if script not in self._cache:
-      self._cache[script] = read_script_flags(script)
+      self._cache.update(read_script_flags([script]))
     return self._cache[script]
 
 
@@ -503,7 +534,7 @@ def readme():
 
 @pytest.fixture(scope="module")
 def script_flags():
-  """FlagCache of every entry script, each run once (two at a time)."""
+  """FlagCache of every entry script, all listed by one subprocess."""
   return FlagCache(entry_scripts())
 
 
@@ -587,6 +618,26 @@ def test_flags_section_documents_every_flag(readme, script_flags):
         problems.append(f"README.md:{line}: the flags section for {script} "
                         f"mentions --{name}: {problem}")
   assert not problems, _report(problems)
+
+
+def test_every_flag_config_matches_its_script(script_flags):
+  """Every config under configs/ that json_to_args.py expands: keys that are
+  flags of its script and values that are flags, as `json_to_args.py --check`
+  finds them (its command line is test_configs_and_lint.py's)."""
+  checked = 0
+  for directory in json_to_args.SCRIPT_FOR_CONFIG_DIR:
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", directory,
+                                          "*.json")))
+    for path in paths:
+      script = json_to_args.script_for_config(path)
+      flags = script_flags.get(os.path.relpath(script, REPO))
+      assert not flags.error, f"cannot read the flags of {script}: {flags.error}"
+      config = settings.read_flat_config(path)
+      json_to_args.check_keys(config, path, script, flags.names)
+      json_to_args.config_to_args(config, path)
+      checked += 1
+  # The search itself must keep finding the configs (nine today).
+  assert checked >= 9, checked
 
 
 def test_entry_scripts_are_found():

@@ -4,23 +4,28 @@ The inputs are the formats' own: KILT ELI5 lines from KILT's data
 (`../shared/fixtures/kilt_eli5_sample/`: several answers per question, outputs
 that hold only provenance, a test split without answers, no newline after the
 last line) and a REALM retriever exported by REALM/ORQA's own code
-(`../shared/fixtures/realm_tf1_hub/`, a TF1 Hub module). The cache is made
-in-process (`caching.cache`, whose command line test_query_cacher.py covers);
-the other stages run through their entry scripts, as a user would run them.
+(`../shared/fixtures/realm_tf1_hub/`, a TF1 Hub module). Every stage runs
+in-process through the library function its entry script calls
+(`caching.cache`, `training.train`, `kilt_metrics.write_title_map`,
+`generation_lib.generate`, `kilt_metrics.evaluate_files`); their command lines
+are test_query_cacher.py's, test_main.py's, test_generation.py's and
+test_kilt_metrics.py's.
 """
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import tensorflow as tf
 
 import cache_fixtures
 import caching
+import generation_lib
 import kilt_files
+import kilt_metrics
 import neighbour_cache
+import settings
+import training
 
 # Slow, the whole module (caches, trains and generates end to end):
 # not in `make test-fast`.
@@ -36,15 +41,6 @@ NUM_NEIGHBOURS = 4
 # see provenance without a wikipedia_id).
 PAGES = {"Sky": "1001", "Water": "1002", "Sun": "1003", "Ice": "1004",
          "Moon": "1005", "Rain": "1006", "Café": "1007"}
-
-
-def _run(script, *args):
-  result = subprocess.run(
-      [sys.executable, os.path.join(REPO, script), *args],
-      capture_output=True, text=True, timeout=600, cwd=REPO,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-  assert result.returncode == 0, (script, result.stderr[-3000:])
-  return result.stdout
 
 
 def _kilt_lines(split):
@@ -83,13 +79,13 @@ def test_real_eli5_lines_are_cached_trained_on_generated_for_and_scored(
       assert (not answers) == (split == "test")
       assert len(example["neighbour_block_ids"].numpy()) == NUM_NEIGHBOURS
 
-  _run("main.py", "--task=train", "--approach_type=cached_pretok",
-       f"--model_key={model_dir}", f"--cache_dir={cache_dir}",
-       f"--output_dir={runs_dir}", "--run_name=real", "--max_steps=3",
-       "--batch_size=2", "--num_retrievals=2", "--sequence_length=128",
-       "--max_question_tokens=32", "--max_answer_tokens=32",
-       "--max_context_tokens=24", "--warmup_steps=1",
-       "--batches_between_evals=0", "--checkpoint_every_steps=3")
+  training.train(settings.from_flat(training.TrainConfig, {
+      "approach_type": "cached_pretok", "model_key": str(model_dir),
+      "cache_dir": str(cache_dir), "output_dir": str(runs_dir),
+      "run_name": "real", "max_steps": 3, "batch_size": 2,
+      "num_retrievals": 2, "sequence_length": 128, "max_question_tokens": 32,
+      "max_answer_tokens": 32, "max_context_tokens": 24, "warmup_steps": 1,
+      "batches_between_evals": 0, "checkpoint_every_steps": 3}, "test"))
   run_dir = runs_dir / "real"
   assert (run_dir / "done.json").exists()
 
@@ -99,13 +95,13 @@ def test_real_eli5_lines_are_cached_trained_on_generated_for_and_scored(
                   "wikipedia_title": title, "text": [title + "\n"]}) + "\n"
       for title, page_id in PAGES.items()), encoding="utf-8")
   title_map = tmp_path / "title_map.json"
-  _run("util_scripts/kilt_title_map.py", f"--knowledge_source={knowledge_source}",
-       f"--output_path={title_map}")
+  kilt_metrics.write_title_map(str(knowledge_source), str(title_map))
 
   generations = tmp_path / "generations" / "generations.jsonl"
-  _run("generation.py", f"--run_dir={run_dir}", "--split=validation",
-       f"--output_path={generations}", "--max_new_tokens=8", "--batch_size=2",
-       f"--kilt_title_map={title_map}")
+  generation_lib.generate(settings.from_flat(generation_lib.GenerationConfig, {
+      "run_dir": str(run_dir), "split": "validation",
+      "output_path": str(generations), "max_new_tokens": 8, "batch_size": 2,
+      "kilt_title_map": str(title_map)}, "test"))
   with open(generations, encoding="utf-8") as f:
     guesses = [json.loads(line) for line in f]
   assert [guess["id"] for guess in guesses] == _kilt_ids("validation")
@@ -117,12 +113,9 @@ def test_real_eli5_lines_are_cached_trained_on_generated_for_and_scored(
       assert entry["wikipedia_id"] == PAGES[entry["title"]] if (
           entry["title"] in PAGES) else "wikipedia_id" not in entry
 
-  metrics_path = tmp_path / "metrics.json"
-  _run("util_scripts/kilt_eval.py",
-       f"--gold={os.path.join(KILT_DIR, kilt_files.ELI5_SPLIT_FILES['validation'])}",
-       f"--guess={generations}", f"--output_path={metrics_path}")
-  with open(metrics_path, encoding="utf-8") as f:
-    metrics = json.load(f)
+  metrics = kilt_metrics.evaluate_files(
+      os.path.join(KILT_DIR, kilt_files.ELI5_SPLIT_FILES["validation"]),
+      str(generations))
   for name in ("rougeL", "f1", "em", "rprec", "recall@5", "kilt_rougeL",
                "kilt_f1"):
     assert 0.0 <= metrics[name] <= 1.0, (name, metrics)

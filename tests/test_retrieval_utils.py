@@ -94,6 +94,7 @@ def test_compare_finds_exact_neighbours_when_searching_every_leaf():
   assert result["num_blocks"] == 2000 and result["num_queries"] == 50
 
 
+@pytest.mark.slow
 def test_scann_test_recall_cli_writes_json(tmp_path):
   config_path = tmp_path / "scann.json"
   config_path.write_text(json.dumps(TINY_SCANN_CONFIG))
@@ -166,6 +167,7 @@ def fixture_cache_dir(tmp_path):
   return cache_dir
 
 
+@pytest.mark.slow
 def test_count_records_of_files_and_globs(cache_dir, tmp_path):
   output = tmp_path / "counts.json"
   train = os.path.join(cache_dir, "train-*.tfrecord")
@@ -204,6 +206,7 @@ def test_count_records_checks_a_cache_against_its_manifest(cache_dir, tmp_path):
   assert "MISMATCH" in process.stdout
 
 
+@pytest.mark.slow
 def test_count_records_refuses_a_truncated_file(cache_dir):
   shard = os.path.join(cache_dir, "train-00000-of-00002.tfrecord")
   with open(shard, "rb") as f:
@@ -263,6 +266,7 @@ def test_subset_loads_with_the_real_loaders_and_matches_the_source(tmp_path):
   assert_one_line_error(process, "already holds a finished subset")
 
 
+@pytest.mark.slow
 def test_subset_bad_inputs_are_one_line_errors(tmp_path):
   files = retrieval_fixtures.write_retriever(str(tmp_path / "realm"),
                                              num_blocks=10, dim=8)

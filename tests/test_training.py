@@ -1,4 +1,4 @@
-"""training.train / training.evaluate in-process: learning, the ablation table,
+"""training.train / evaluation.evaluate in-process: learning, the ablation table,
 distribution equivalence, the command line's weights, resume, bad inputs.
 
 On a tiny GPT-2 and a tiny learnable cache (`cache_fixtures.TINY_RUN`). The
@@ -24,6 +24,8 @@ import tensorflow as tf
 import transformers
 
 import cache_fixtures
+import context_draw
+import evaluation
 import gpt2_weights
 import neighbour_cache
 import task_specific
@@ -69,7 +71,7 @@ def test_training_lowers_validation_loss_and_evaluate_writes_the_table(
       world, tmp_path, "learn", max_steps=60, batches_between_evals=20,
       learning_rate=3e-3, checkpoint_every_steps=30, log_samples=2)
   training.train(config)
-  returned = training.evaluate(config)
+  returned = evaluation.evaluate(config)
   run_dir = tmp_path / "learn"
   evals = [m for m in cache_fixtures.read_metrics(run_dir) if "eval_answer_loss" in m]
   assert [m["step"] for m in evals] == [20, 40, 60]
@@ -87,7 +89,7 @@ def test_training_lowers_validation_loss_and_evaluate_writes_the_table(
 
   table = json.loads((run_dir / "ablation_validation.json").read_text())
   assert table == returned
-  assert set(table) == {"real", "random", "none"}
+  assert set(table) == set(context_draw.DEFAULT_CONDITIONS)
   tokens = {row["answer_tokens"] for row in table.values()}
   assert len(tokens) == 1 and tokens.pop() > 0
   for row in table.values():
@@ -238,7 +240,7 @@ def test_bad_inputs_are_refused_before_any_write(world_with_test_split,
   }
   function_cases = [(name, training.train, overrides, message)
                     for name, (overrides, message) in cases.items()]
-  function_cases.append(("evaluate_missing", training.evaluate, {},
+  function_cases.append(("evaluate_missing", evaluation.evaluate, {},
                          "no run here"))
   for name, function, overrides, message in function_cases:
     result = outcome(function, cache_fixtures.training_config(
@@ -296,7 +298,7 @@ def resumed_runs(world_with_test_split, tmp_path_factory):
   seen["settings_config_allowed"] = json.loads(
       (settings_run / "config.json").read_text())
   seen["settings_metrics"] = cache_fixtures.read_metrics(settings_run)
-  attempt("evaluate_test", training.evaluate, "settings", eval_split="test")
+  attempt("evaluate_test", evaluation.evaluate, "settings", eval_split="test")
   # From ckpt-3 at a huge learning rate, the update of step 4 ruins the
   # weights while its loss (computed before the update) is finite.
   # Unchecked (no checkpoint at step 4), the loss of step 5 is not finite;
@@ -308,7 +310,7 @@ def resumed_runs(world_with_test_split, tmp_path_factory):
   attempt("nan_guard", training.train, "settings", checkpoint_every_steps=1,
           **huge)
   seen["nan_guard_checkpoints"] = _checkpoint_steps(settings_run)
-  attempt("nan_evaluate", training.evaluate, "settings")
+  attempt("nan_evaluate", evaluation.evaluate, "settings")
   metrics = (settings_run / "metrics.jsonl").read_text().splitlines()
   (settings_run / "metrics.jsonl").write_text(metrics[0] + "\n{not json\n")
   attempt("metrics", training.train, "settings", checkpoint_every_steps=1,

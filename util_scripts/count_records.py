@@ -19,7 +19,9 @@ import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 import neighbour_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tf_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _FLAG_PATHS = flags.DEFINE_list(
@@ -31,22 +33,6 @@ _FLAG_CACHE_DIR = flags.DEFINE_string(
     "manifest.json.")
 _FLAG_OUTPUT_PATH = flags.DEFINE_string(
     "output_path", None, "Optional: also write the counts here as JSON.")
-
-
-def count_file_records(path):
-  """Records in the TFRecord file `path`; a corrupt file is a UserError."""
-  dataset = tf.data.TFRecordDataset(path, buffer_size=8 << 20)
-  count = 0
-  try:
-    for batch in dataset.batch(4096):
-      count += int(batch.shape[0])
-  except tf.errors.DataLossError:
-    raise utils.UserError(
-        f"{path}: corrupt or truncated TFRecord file after {count} good "
-        "records") from None
-  except tf.errors.NotFoundError:
-    raise utils.UserError(f"{path}: does not exist") from None
-  return count
 
 
 def expand_patterns(patterns):
@@ -63,7 +49,7 @@ def expand_patterns(patterns):
 
 def count_files(files):
   """{path: record count} for each of `files`, with a progress bar."""
-  return {path: count_file_records(path)
+  return {path: tf_utils.count_tfrecords(path)
           for path in tqdm.tqdm(files, desc="counting", unit="file",
                                 disable=len(files) < 2)}
 
@@ -118,6 +104,7 @@ def main(argv):
     raise utils.UserError(
         "give exactly one of --paths (TFRecord files or globs) and "
         "--cache_dir (a neighbour cache)")
+  utils.check_output_path(_FLAG_OUTPUT_PATH.value, "--output_path")
   splits, problems = None, []
   if _FLAG_CACHE_DIR.value:
     counts, splits, problems = check_cache(_FLAG_CACHE_DIR.value)
@@ -137,4 +124,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)

@@ -34,6 +34,7 @@ import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import block_store  # pylint: disable=g-import-not-at-top,wrong-import-position
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrievers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tf_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -142,6 +143,8 @@ def main(argv):
                       ("output_dir", _FLAG_OUTPUT_DIR.value)):
     if value is None:
       raise utils.UserError(f"--{name} is required")
+  utils.check_output_path(_FLAG_OUTPUT_DIR.value, "--output_dir",
+                          directory=True)
   create_subset(_FLAG_RETRIEVER_CONFIG_PATH.value, _FLAG_NUM_BLOCKS.value,
                 _FLAG_OUTPUT_DIR.value, _FLAG_SEED.value)
   print(f"wrote {_FLAG_NUM_BLOCKS.value:,} blocks to {_FLAG_OUTPUT_DIR.value} "
@@ -149,4 +152,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)

@@ -17,6 +17,12 @@ TRAIN_RUNS = ("retrieval", "naked", "random_context")
 # would use real contexts, which it was not trained to read).
 GENERATION_RUNS = ("retrieval", "naked")
 ABLATIONS = ("real", "random", "none")
+# The run evaluated under every context condition (the others: ABLATIONS).
+GRID_RUN = "retrieval"
+# The grid run's generations with another question's contexts: the baseline
+# of its grounding (does it copy from the contexts it is given?).
+RANDOM_CONTEXT_GENERATION = "retrieval_random_contexts"
+GROUNDING = "grounding"
 EVAL_SPLIT = "validation"
 GOLD_FILE = kilt_files.ELI5_SPLIT_FILES[EVAL_SPLIT]
 STAGE_TIMES = "stage_times.json"
@@ -34,6 +40,12 @@ def paths(out):
 
 def generation_path(out, run):
   return os.path.join(paths(out)["generations"], run, "generations.jsonl")
+
+
+def grounding_paths(out):
+  """(JSON, markdown) of the grid run's grounding comparison."""
+  base = os.path.join(paths(out)["generations"], GROUNDING)
+  return base + ".json", base + ".md"
 
 
 def _template_pattern(template):

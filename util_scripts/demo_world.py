@@ -20,6 +20,7 @@ import tokenizers
 import tqdm
 import transformers
 
+import evaluation
 import kilt_files
 import query_embedder
 import retrievers
@@ -113,6 +114,8 @@ _QUESTION_TEMPLATES = (
     "Tell me about the {name}: who {verb} it, when, and where?",
 )
 ANSWER_TEMPLATE = "by {person}, in {year}, city of {city}."
+# What an answer states (a counterfactual passage swaps them).
+_FACTS = ("person", "year", "city")
 
 
 def _template_words():
@@ -159,7 +162,7 @@ def make_world(seed, num_train, num_validation, num_test,
   Returns:
     (blocks, questions): blocks is a list of (title, text) in block-id order;
     questions maps each split to a list of dicts with `id`, `input`,
-    `answer` and `block_id` (the gold block).
+    `answer`, `block_id` (the gold block) and `facts` (person, year, city).
   """
   rng = random.Random(seed)
   used_names = set()
@@ -174,6 +177,7 @@ def make_world(seed, num_train, num_validation, num_test,
           "input": rng.choice(_QUESTION_TEMPLATES).format(**entity),
           "answer": ANSWER_TEMPLATE.format(**entity),
           "block_id": len(entities),  # The entity's index until the shuffle.
+          "facts": {name: entity[name] for name in _FACTS},
       })
       entities.append(entity)
   for _ in range(num_distractor_blocks):
@@ -200,6 +204,28 @@ def kilt_lines(questions, blocks, with_answers):
           [{"wikipedia_id": str(question["block_id"]), "title": title}])
     lines.append(json.dumps(record) + "\n")
   return "".join(lines)
+
+
+def counterfactual_records(questions, blocks):
+  """The counterfactual conditions' contexts file (evaluation.py), as records.
+
+  Each question gets its gold block with the three facts swapped for the
+  next question's (the last takes the first's), and the answer those
+  swapped facts imply: a model that reads its context must now write facts
+  it never saw with this question.
+  """
+  records = []
+  for index, question in enumerate(questions):
+    swapped = questions[(index + 1) % len(questions)]["facts"]
+    own = question["facts"]
+    pattern = re.compile("|".join(re.escape(own[name]) for name in _FACTS))
+    replacement = {own[name]: swapped[name] for name in _FACTS}
+    records.append({
+        "id": question["id"], "input": question["input"],
+        "answer": ANSWER_TEMPLATE.format(**swapped),
+        "contexts": [pattern.sub(lambda match: replacement[match.group(0)],
+                                 blocks[question["block_id"]][1])]})
+  return records
 
 
 def knowledge_source_lines(blocks):
@@ -467,6 +493,28 @@ def _check_sizes(sizes, gpt2_vocab_size):
         f"--gpt2_vocab_size={gpt2_vocab_size}: expected at least 300")
 
 
+def world_paths(output_dir):
+  """{name: path} of the world's files under `output_dir` (world.json's
+  `paths`)."""
+  output_dir = os.path.abspath(output_dir)
+  return {
+      "kilt_dir": os.path.join(output_dir, "kilt"),
+      "knowledge_source": os.path.join(output_dir, "kilt",
+                                       kilt_files.KNOWLEDGE_SOURCE_FILE),
+      "blocks": os.path.join(output_dir, "realm", "blocks.tfr"),
+      "titles": os.path.join(output_dir, "realm", "titles.tfr"),
+      "embedder": os.path.join(output_dir, "realm", "embedder"),
+      "retriever_config": os.path.join(output_dir, "retriever_config.json"),
+      "tokenizer": os.path.join(output_dir, "tokenizer"),
+      "model_config": os.path.join(output_dir, "model_config"),
+      # The evaluation's gold and counterfactual conditions (validation).
+      "gold_contexts": os.path.join(output_dir, "contexts",
+                                    "gold-validation.jsonl"),
+      "counterfactual": os.path.join(output_dir, "contexts",
+                                     "counterfactual-validation.jsonl"),
+  }
+
+
 def build_world(output_dir, *, seed=0,
                 num_train=DEFAULT_SIZES["num_train"],
                 num_validation=DEFAULT_SIZES["num_validation"],
@@ -485,17 +533,7 @@ def build_world(output_dir, *, seed=0,
                num_test=num_test, num_distractor_blocks=num_distractor_blocks)
   _check_sizes(sizes, gpt2_vocab_size)
   output_dir = os.path.abspath(output_dir)
-  paths = {
-      "kilt_dir": os.path.join(output_dir, "kilt"),
-      "knowledge_source": os.path.join(output_dir, "kilt",
-                                       kilt_files.KNOWLEDGE_SOURCE_FILE),
-      "blocks": os.path.join(output_dir, "realm", "blocks.tfr"),
-      "titles": os.path.join(output_dir, "realm", "titles.tfr"),
-      "embedder": os.path.join(output_dir, "realm", "embedder"),
-      "retriever_config": os.path.join(output_dir, "retriever_config.json"),
-      "tokenizer": os.path.join(output_dir, "tokenizer"),
-      "model_config": os.path.join(output_dir, "model_config"),
-  }
+  paths = world_paths(output_dir)
   for directory in ("kilt", "realm", "model_config"):
     os.makedirs(os.path.join(output_dir, directory), exist_ok=True)
 
@@ -506,6 +544,15 @@ def build_world(output_dir, *, seed=0,
         kilt_lines(questions[split], blocks, with_answers=split != "test"))
   utils.atomic_write_text(paths["knowledge_source"],
                           knowledge_source_lines(blocks))
+  # Gold passages the way real data gets them: KILT provenance looked up in
+  # KILT's knowledge source (util_scripts/gold_contexts.py).
+  gold_contexts, _ = evaluation.gold_contexts_from_kilt(
+      os.path.join(paths["kilt_dir"],
+                   kilt_files.ELI5_SPLIT_FILES["validation"]),
+      paths["knowledge_source"])
+  evaluation.write_contexts_file(paths["gold_contexts"], gold_contexts)
+  evaluation.write_contexts_file(paths["counterfactual"], counterfactual_records(
+      questions["validation"], blocks))
   # As ORQA's preprocess_wiki_extractor.py: text and title of block i as
   # record i of two files.
   tf_utils.write_tfrecords(paths["blocks"], (

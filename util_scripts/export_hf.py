@@ -42,6 +42,7 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 import context_draw  # pylint: disable=g-import-not-at-top,wrong-import-position
 import gpt2_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 import neighbour_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -75,6 +76,7 @@ _ABLATION_ROWS = {"real": "the question's retrieved contexts",
 
 def check_output_dir(output_dir):
   """Refuses, before any work, an output path an export must not replace."""
+  utils.check_output_path(output_dir, "--output_dir", directory=True)
   if not tf.io.gfile.exists(output_dir):
     return
   if not tf.io.gfile.isdir(output_dir):
@@ -304,4 +306,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)

@@ -9,9 +9,22 @@ KILT's answer metrics `rougeL`, `f1`, `em`, `accuracy`; its provenance
 metrics `rprec` and `recall@5` (pages matched on `wikipedia_id`), with
 eval_retrieval.py's whole report under `retrieval`; the KILT-* scores
 `kilt_rougeL`, `kilt_f1`, `kilt_em`, `kilt_accuracy` (counted only where
-R-precision is 1); and counts. With `--baselines_train_path`, also scores
-Krishna et al.'s calibration baselines (the question copied; a random
-training answer) on the same ids.
+R-precision is 1); 95 % bootstrap intervals of ROUGE-L, F1, KILT-RL and
+KILT-F1 under `intervals`; and counts. With `--baselines_train_path`, also
+scores Krishna et al.'s calibration baselines (the question copied; a random
+training answer; the longest gold answer against the other gold answers) on
+the same ids.
+
+  python util_scripts/kilt_eval.py --gold=eli5-dev-kilt.jsonl \
+      --guess=real/generations.jsonl --compare_guess=random/generations.jsonl \
+      --grounding
+
+also scores the second file, and the paired differences guess − compared
+(ROUGE-L, F1, KILT-RL, KILT-F1 and, with --grounding, grounding) with 95 %
+bootstrap intervals and sign-flip permutation p-values over the same ids.
+`--grounding` scores how much each answer copies from the contexts it was
+given (`meta.contexts` of generation.py's records; kilt_metrics.grounding),
+beside the gold answers' grounding against the same contexts.
 
   python util_scripts/kilt_eval.py --gold=eli5-dev-kilt.jsonl \
       --cache_dir=CACHE --split=validation --kilt_title_map=title_map.json
@@ -29,6 +42,8 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import block_store  # pylint: disable=g-import-not-at-top
+import cli  # pylint: disable=g-import-not-at-top
+import eval_stats  # pylint: disable=g-import-not-at-top
 import kilt_files  # pylint: disable=g-import-not-at-top
 import kilt_metrics  # pylint: disable=g-import-not-at-top
 import neighbour_cache  # pylint: disable=g-import-not-at-top
@@ -47,9 +62,29 @@ _FLAG_MARKDOWN_PATH = flags.DEFINE_string(
     "markdown_path", None, "Where to write the markdown table (optional).")
 _FLAG_BASELINES_TRAIN_PATH = flags.DEFINE_string(
     "baselines_train_path", None, "KILT training jsonl: when given, also "
-    "score the copy-the-question and random-training-answer baselines.")
+    "score the copy-the-question, random-training-answer and longest-gold-"
+    "answer baselines.")
 _FLAG_BASELINES_SEED = flags.DEFINE_integer(
     "baselines_seed", 0, "Seed of the random-training-answer baseline.")
+_FLAG_COMPARE_GUESS = flags.DEFINE_string(
+    "compare_guess", None, "A second KILT-format guess jsonl on the same ids "
+    "(e.g. generations with random contexts): scored too, with the paired "
+    "differences --guess minus it, their 95 % intervals and p-values.")
+_FLAG_GROUNDING = flags.DEFINE_boolean(
+    "grounding", False, "Also score grounding: the share of each answer's "
+    "n-grams (n = 1..4, not in the question) found in the contexts it was "
+    "given (the guess files' meta.contexts, written by generation.py), and "
+    "the gold answers' grounding against the same contexts.")
+_FLAG_BOOTSTRAP_RESAMPLES = flags.DEFINE_integer(
+    "bootstrap_resamples", eval_stats.DEFAULT_BOOTSTRAP.num_resamples,
+    "Bootstrap resamples of the examples for the intervals (and sign flips "
+    "for the permutation p-values).")
+_FLAG_BOOTSTRAP_SEED = flags.DEFINE_integer(
+    "bootstrap_seed", eval_stats.DEFAULT_BOOTSTRAP.seed,
+    "Seed of the bootstrap and of the permutation test.")
+_FLAG_CONFIDENCE = flags.DEFINE_float(
+    "confidence", eval_stats.DEFAULT_BOOTSTRAP.confidence,
+    "Confidence level of the bootstrap intervals, in (0, 1).")
 
 _FLAG_CACHE_DIR = flags.DEFINE_string(
     "cache_dir", None,
@@ -79,10 +114,14 @@ _FLAG_TITLES_PATH = flags.DEFINE_string(
 
 def _score_cache():
   """(result, table, warning or None) of the retriever's cached neighbours."""
-  if _FLAG_BASELINES_TRAIN_PATH.value:
+  answer_only = [name for name, value in (
+      ("--baselines_train_path", _FLAG_BASELINES_TRAIN_PATH.value),
+      ("--compare_guess", _FLAG_COMPARE_GUESS.value),
+      ("--grounding", _FLAG_GROUNDING.value)) if value]
+  if answer_only:
     raise utils.UserError(
-        "--baselines_train_path scores answers, which --cache_dir (the "
-        "retriever alone) has none of; give it with --guess")
+        f"{answer_only[0]} scores answers, which --cache_dir (the retriever "
+        "alone) has none of; give it with --guess")
   if not _FLAG_KILT_TITLE_MAP.value:
     raise utils.UserError(
         "--cache_dir needs --kilt_title_map (util_scripts/kilt_title_map.py): "
@@ -126,12 +165,26 @@ def _score_guess():
     raise utils.UserError(
         f"{cache_only[0]} applies only with --cache_dir; a guess file's "
         "provenance already names its wikipedia_ids")
+  if _FLAG_BOOTSTRAP_RESAMPLES.value < 1:
+    raise utils.UserError(
+        f"--bootstrap_resamples={_FLAG_BOOTSTRAP_RESAMPLES.value}: must be "
+        ">= 1 (e.g. 2000)")
+  if not 0.0 < _FLAG_CONFIDENCE.value < 1.0:
+    raise utils.UserError(f"--confidence={_FLAG_CONFIDENCE.value}: must be "
+                          "in (0, 1), e.g. 0.95")
+  bootstrap = eval_stats.Bootstrap(
+      num_resamples=_FLAG_BOOTSTRAP_RESAMPLES.value,
+      confidence=_FLAG_CONFIDENCE.value, seed=_FLAG_BOOTSTRAP_SEED.value)
   result = kilt_metrics.evaluate_files(
       _FLAG_GOLD.value, _FLAG_GUESS.value,
       baselines_train_path=_FLAG_BASELINES_TRAIN_PATH.value,
-      baselines_seed=_FLAG_BASELINES_SEED.value)
-  table = kilt_metrics.result_table(
-      result, system_name=os.path.basename(_FLAG_GUESS.value))
+      baselines_seed=_FLAG_BASELINES_SEED.value,
+      compare_path=_FLAG_COMPARE_GUESS.value,
+      with_grounding=_FLAG_GROUNDING.value, bootstrap=bootstrap)
+  system_name, compared_name = _system_names(_FLAG_GUESS.value,
+                                             _FLAG_COMPARE_GUESS.value)
+  table = kilt_metrics.result_table(result, system_name=system_name,
+                                    compared_name=compared_name)
   warning = None
   if result["num_without_provenance"] == result["num_examples"]:
     warning = (f"warning: no guess of {_FLAG_GUESS.value} names a "
@@ -140,9 +193,25 @@ def _score_guess():
   return result, table, warning
 
 
+def _system_names(guess_path, compare_path):
+  """The guess files' names in the tables: their file names, with their
+  directories when both are called the same (generation.py's
+  generations.jsonl in two output directories)."""
+  if not compare_path:
+    return os.path.basename(guess_path), None
+  names = [os.path.basename(path) for path in (guess_path, compare_path)]
+  if names[0] == names[1]:
+    names = [os.path.join(os.path.basename(os.path.dirname(
+        os.path.abspath(path))), name)
+             for path, name in zip((guess_path, compare_path), names)]
+  return names[0], names[1]
+
+
 def main(argv):
   if not _FLAG_GOLD.value:
     raise utils.UserError("--gold is required (a KILT jsonl with answers)")
+  utils.check_output_path(_FLAG_OUTPUT_PATH.value, "--output_path")
+  utils.check_output_path(_FLAG_MARKDOWN_PATH.value, "--markdown_path")
   if bool(_FLAG_GUESS.value) == bool(_FLAG_CACHE_DIR.value):
     raise utils.UserError(
         "give exactly one of --guess (a KILT-format guess jsonl) and "
@@ -167,4 +236,4 @@ def _make_parent_dir(path):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)

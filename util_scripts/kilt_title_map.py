@@ -21,6 +21,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # pylint: disable=g-import-not-at-top
 import kilt_files  # pylint: disable=g-import-not-at-top
 import kilt_metrics  # pylint: disable=g-import-not-at-top
 import utils  # pylint: disable=g-import-not-at-top
@@ -41,6 +42,7 @@ def main(argv):
         f"{kilt_files.KNOWLEDGE_SOURCE_FILE})")
   if not _FLAG_OUTPUT_PATH.value:
     raise utils.UserError("--output_path is required (the title map .json)")
+  utils.check_output_path(_FLAG_OUTPUT_PATH.value, "--output_path")
   counts = kilt_metrics.write_title_map(_FLAG_KNOWLEDGE_SOURCE.value,
                                        _FLAG_OUTPUT_PATH.value)
   print(f"wrote {counts['num_titles']} titles of {counts['num_pages']} pages "
@@ -51,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)

@@ -14,6 +14,13 @@ the code paths of a real run:
   W/retriever_config.json               absolute paths + num_block_records
   W/tokenizer/                          GPT-2 byte-level BPE (GPT2TokenizerFast)
   W/model_config/config.json            a small GPT-2
+  W/contexts/gold-validation.jsonl      the evaluation's gold condition: each
+                                        validation question's gold block, from
+                                        its KILT provenance (gold_contexts.py)
+  W/contexts/counterfactual-validation.jsonl
+                                        its counterfactual conditions: the gold
+                                        block with the next question's facts,
+                                        and the answer those facts imply
   W/world.json                          sizes, seed, the embedder's recall@5
 
 The world: every question is about an entity (a society, a bridge, ...) made
@@ -42,6 +49,7 @@ import time
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 import kilt_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 from util_scripts import demo_world  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -72,6 +80,8 @@ _FLAG_GPT2_VOCAB_SIZE = flags.DEFINE_integer(
 def main(argv):
   if not _FLAG_OUTPUT_DIR.value:
     raise utils.UserError("--output_dir is required: where to write the world")
+  utils.check_output_path(_FLAG_OUTPUT_DIR.value, "--output_dir",
+                          directory=True)
   start = time.time()
   world = demo_world.build_world(
       _FLAG_OUTPUT_DIR.value, seed=_FLAG_SEED.value,
@@ -84,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)

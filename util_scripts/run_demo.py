@@ -4,17 +4,19 @@ r"""`make demo`: the whole pipeline, offline, on the generated demo world.
 
 make_demo_data.py -> query_cacher_tfrecord.py (exact search) -> main.py trains
 the same small GPT-2 three ways (retrieval, naked, random contexts) -> main.py
---task=evaluate (the retrieval ablation on the validation split) ->
-generation.py (greedy) + KILT metrics for the retrieval and naked runs ->
+--task=evaluate (the context-condition grid on the validation split) ->
+generation.py (greedy) + KILT metrics for the retrieval and naked runs, and
+for the retrieval run with random contexts (its grounding's baseline) ->
 OUT/report.md with the table and PNG plots. Every stage makes, in this one
 process, the library call of the entry script a user would run
-(demo_world.build_world, caching.cache, training.train / training.evaluate,
+(demo_world.build_world, caching.cache, training.train / evaluation.evaluate,
 generation_lib.generate) with the shipped configs; a stage whose output
 exists is reused (delete it to redo the stage), and its time is the one
 measured when it ran (OUT/stage_times.json).
 
 Layout: OUT/world, OUT/cache, OUT/runs/{retrieval,naked,random_context},
-OUT/generations/{retrieval,naked}/{generations.jsonl,kilt_metrics.json},
+OUT/generations/{retrieval,naked,retrieval_random_contexts}/{generations.jsonl,
+kilt_metrics.json}, OUT/generations/grounding.{json,md},
 OUT/report.md, OUT/*.png.
 """
 
@@ -30,6 +32,10 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
 import caching  # pylint: disable=g-import-not-at-top,wrong-import-position
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+import context_draw  # pylint: disable=g-import-not-at-top,wrong-import-position
+import eval_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
+import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position
 import generation_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 import kilt_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 import kilt_metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -86,7 +92,7 @@ def _shipped_config(name, overrides):
 
 
 def _training_task(task, run, overrides):
-  """`task` (training.train or training.evaluate) of a demo run's config."""
+  """`task` (training.train or evaluation.evaluate) of a demo run's config."""
   path, values = _shipped_config(f"train_configs/demo_{run}.json", overrides)
   task(training.config_from_values(values, path))
 
@@ -112,12 +118,29 @@ def _cache(world, cache):
   caching.cache(settings.from_flat(caching.CacheConfig, values, path))
 
 
-def _generate(run_dir, output_path, title_map, gold_path):
+def _generate(run_dir, output_path, title_map, gold_path,
+              approach_type=None):
   path, values = _shipped_config("generation_configs/demo_greedy.json", {
       "run_dir": run_dir, "split": demo_layout.EVAL_SPLIT,
       "output_path": output_path, "evaluate": True,
-      "kilt_title_map": title_map, "gold_path": gold_path})
+      "kilt_title_map": title_map, "gold_path": gold_path,
+      "approach_type": approach_type})
   generation_lib.generate(generation_lib.config_from_flat(values, path))
+
+
+def _grounding(out, gold_path, train_path):
+  """The grid run's generations with real vs random contexts: grounding,
+  KILT's metrics, their paired differences and the calibration baselines,
+  as `kilt_eval.py --compare_guess --grounding --baselines_train_path`."""
+  result = kilt_metrics.evaluate_files(
+      gold_path, demo_layout.generation_path(out, demo_layout.GRID_RUN),
+      compare_path=demo_layout.generation_path(
+          out, demo_layout.RANDOM_CONTEXT_GENERATION),
+      with_grounding=True, baselines_train_path=train_path)
+  json_path, markdown_path = demo_layout.grounding_paths(out)
+  utils.atomic_write_text(markdown_path, kilt_metrics.result_table(
+      result, "real contexts", "random contexts"))
+  utils.atomic_write_json(json_path, result)
 
 
 class Stage(typing.NamedTuple):
@@ -159,22 +182,37 @@ def _stages(out):
         functools.partial(_training_task, training.train, run,
                           dict(run_overrides, run_name=run)),
         os.path.join(runs, run, "done.json")))
+  world_files = demo_world.world_paths(world)
   for run in demo_layout.TRAIN_RUNS:
     # The whole split: training evaluates only a few batches.
+    conditions = dict(conditions=demo_layout.ABLATIONS)
+    if run == demo_layout.GRID_RUN:
+      conditions = dict(conditions=context_draw.CONDITIONS,
+                        gold_contexts_path=world_files["gold_contexts"],
+                        counterfactual_path=world_files["counterfactual"])
     stages.append(Stage(
-        f"evaluate {run}", "training.evaluate",
-        functools.partial(_training_task, training.evaluate, run, dict(
+        f"evaluate {run}", "evaluation.evaluate",
+        functools.partial(_training_task, evaluation.evaluate, run, dict(
             run_overrides, run_name=run, eval_split=demo_layout.EVAL_SPLIT,
-            number_eval_batches=0)),
+            number_eval_batches=0, **conditions)),
         os.path.join(runs, run, f"ablation_{demo_layout.EVAL_SPLIT}.json")))
-  for run in demo_layout.GENERATION_RUNS:
-    output = demo_layout.generation_path(out, run)
+  gold_path = os.path.join(world, "kilt", demo_layout.GOLD_FILE)
+  generations = [(run, run, None) for run in demo_layout.GENERATION_RUNS] + [
+      (demo_layout.RANDOM_CONTEXT_GENERATION, demo_layout.GRID_RUN,
+       "random_context")]
+  for name, run, approach_type in generations:
+    output = demo_layout.generation_path(out, name)
     stages.append(Stage(
-        f"generate {run}", "generation_lib.generate",
+        f"generate {name}", "generation_lib.generate",
         functools.partial(
             _generate, os.path.join(runs, run), output, paths["title_map"],
-            os.path.join(world, "kilt", demo_layout.GOLD_FILE)),
+            gold_path, approach_type),
         os.path.join(os.path.dirname(output), "kilt_metrics.json")))
+  stages.append(Stage(
+      "grounding", "kilt_metrics.evaluate_files",
+      functools.partial(_grounding, out, gold_path, os.path.join(
+          world, "kilt", kilt_files.ELI5_SPLIT_FILES["train"])),
+      demo_layout.grounding_paths(out)[0]))
   return stages
 
 
@@ -221,6 +259,8 @@ def collect_results(out):
            "ablation": {name: ablation[name]["answer_ppl"]
                         for name in demo_layout.ABLATIONS},
            "generation": None}
+    if run == demo_layout.GRID_RUN:
+      row["grid"] = ablation
     if run in demo_layout.GENERATION_RUNS:
       output = demo_layout.generation_path(out, run)
       metrics = utils.read_json(
@@ -276,6 +316,50 @@ def acceptance_lines(results):
       f"{'yes' if random_ratio >= 0.9 else 'no'})",
       f"- random_context run, real contexts / naked run: {random_run_ratio:.3f}",
   ]
+
+
+def grid_lines(out, results):
+  """The retrieval run's context-condition grid and what it says."""
+  grid = results[demo_layout.GRID_RUN]["grid"]
+  report_path = os.path.join(demo_layout.paths(out)["runs"],
+                             demo_layout.GRID_RUN,
+                             f"ablation_{demo_layout.EVAL_SPLIT}.md")
+  with open(report_path, encoding="utf-8") as file:
+    table = file.read().strip()
+  lines = [f"The {demo_layout.GRID_RUN} run under every context condition "
+           f"(`{os.path.relpath(report_path, out)}`):", "", table, ""]
+  counterfactual = grid.get("counterfactual", {}).get(
+      "paired_vs_counterfactual_none")
+  if counterfactual:
+    ratio = counterfactual["ratio"]
+    follows = ratio["high"] is not None and ratio["high"] < 1
+    lines.append(
+        "- counterfactual: perplexity of the swapped facts with the swapped "
+        f"passage / without context: "
+        f"{eval_stats.format_interval(ratio, digits=3)} (follows what it "
+        f"reads if < 1 with the whole interval: {'yes' if follows else 'no'})")
+  return lines
+
+
+def grounding_lines(out):
+  """Does the grid run copy from its contexts? Its grounding with real vs
+  random contexts, and the calibration baselines."""
+  json_path, markdown_path = demo_layout.grounding_paths(out)
+  result = utils.read_json(json_path)
+  difference = result["comparison"]["differences"]["grounding"]
+  above = difference["low"] is not None and difference["low"] > 0
+  with open(markdown_path, encoding="utf-8") as file:
+    tables = file.read().strip()
+  return [
+      f"Generations of the {demo_layout.GRID_RUN} run with its real contexts "
+      "and with another question's (grounding: the share of generated "
+      "n-grams, n = 1..4, found in the contexts given and not in the "
+      "question), and the calibration baselines "
+      f"(`{os.path.relpath(markdown_path, out)}`):", "", tables, "",
+      "- grounding, real − random contexts: "
+      f"{eval_stats.format_interval(difference, scale=100)} points (copies "
+      "more from its own question's passages than from another's if the "
+      f"interval is above 0: {'yes' if above else 'no'})"]
 
 
 def _metrics_lines(run_dir):
@@ -372,6 +456,8 @@ def write_report(out, times):
       results_table(results, times),
       "Does the retrieval model read its contexts?", "",
       *acceptance_lines(results), "",
+      *grid_lines(out, results), "",
+      *grounding_lines(out), "",
       "| stage | time (s) |", "| --- | ---: |", stage_rows,
       f"| total | {sum(seconds for _, seconds in stage_times):.0f} |", "",
       *[f"![{name}]({name})" for name in demo_layout.PLOTS], ""])
@@ -381,6 +467,7 @@ def write_report(out, times):
 
 def main(argv):
   out = os.path.abspath(_FLAG_OUTPUT_DIR.value)
+  utils.check_output_path(out, "--output_dir", directory=True)
   os.makedirs(out, exist_ok=True)
   times = run_stages(out)
   print("[demo] report: tables and plots", flush=True)
@@ -390,4 +477,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 import kilt_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 import query_embedder  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrieval_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -165,7 +166,9 @@ def main(argv):
   if not _FLAG_OUTPUT_PATH.value:
     raise utils.UserError("--output_path is required: where to write the "
                           "results as JSON")
-  # Made before the long work, so that a bad directory fails at once.
+  # Checked and made before the long work, so that a bad location fails at
+  # once.
+  utils.check_output_path(_FLAG_OUTPUT_PATH.value, "--output_path")
   utils.makedirs(os.path.dirname(_FLAG_OUTPUT_PATH.value) or ".")
   _positive(num_queries=_FLAG_NUM_QUERIES.value, k=_FLAG_K.value)
   scann_config = retrievers.load_scann_config(_FLAG_SCANN_CONFIG_PATH.value)
@@ -188,4 +191,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  utils.run(main)
+  cli.run(main)
