@@ -155,7 +155,7 @@ def test_rerun_reuses_every_stage(demo):
   with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
     report = f.read()
   stdout = _run(output_dir)
-  assert len(re.findall(r"^\[demo \d+/11\] .*: reused", stdout, re.M)) == 11
+  assert len(re.findall(r"^\[demo \d+/13\] .*: reused", stdout, re.M)) == 13
   assert "running" not in stdout
   with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
     assert f.read() == report
