@@ -113,12 +113,13 @@ def draw(neighbour_scores, config, seed):
   random order; an example with fewer neighbours than `num_retrievals` (a
   contexts file) gets all it has.
   """
-  scores = tf.convert_to_tensor(neighbour_scores, tf.float32)
   offset = config.rank_offset
-  bank_size = (config.retrieval_bank_size or None) if not offset else None
-  available = tf.size(scores[offset:]) if bank_size is None else bank_size
+  eligible = tf.convert_to_tensor(neighbour_scores, tf.float32)[offset:]
+  # The bank is of the best neighbours: distractors are ranked below it.
+  bank_size = None if offset else (config.retrieval_bank_size or None)
+  available = tf.size(eligible) if bank_size is None else bank_size
   indices = offset + sample_neighbours(
-      scores[offset:], tf.minimum(config.num_retrievals, available),
+      eligible, tf.minimum(config.num_retrievals, available),
       config.retrieval_temperature, seed, bank_size=bank_size)
   if config.shuffle_contexts:
     indices = tf.gather(indices, tf.argsort(tf.random.stateless_uniform(

@@ -62,11 +62,9 @@ def evaluate(config):
   table (`training.TrainConfig`: its eval_* fields and `conditions`)."""
   training.check_config(config)
   conditions = check_conditions(config.conditions)
-  room = config.layout.max_answer_tokens
-  if config.eval_stride and not 1 <= config.eval_stride <= room:
-    raise utils.UserError(
-        f"--eval_stride={config.eval_stride}: expected 0 (cut long answers) "
-        f"or 1 .. --max_answer_tokens={room}")
+  if config.eval_stride:
+    task_specific.check_eval_stride(config.eval_stride,
+                                    config.layout.max_answer_tokens)
   run_dir = config.run_dir
   if not run_directory.exists(run_dir):
     raise utils.UserError(
@@ -301,18 +299,21 @@ class _Examples:
     self.split, self.records = split, records
     self.entries = {}
     if records is None:
-      parsed = tf.data.TFRecordDataset(setup.files(split)).map(
-          neighbour_cache.parse_example)
-      pairs = ((example["id"].numpy().decode("utf-8"),
-                example["answers"].to_list()) for example in parsed)
+      ids, answers = [], []
+      for example in tf.data.TFRecordDataset(setup.files(split)).map(
+          neighbour_cache.parse_example):
+        ids.append(example["id"].numpy().decode("utf-8"))
+        answers.append(example["answers"].to_list())
     else:
-      answers = task_specific.text_token_ids(
-          setup.tokenizer, [record["answer"] for record in records])
-      pairs = ((record["id"], [ids]) for record, ids in zip(records, answers))
-    for example_id, answers in pairs:
-      key = int(task_specific.example_key(tf.constant(example_id)))
+      ids = [record["id"] for record in records]
+      answers = [[answer] for answer in task_specific.text_token_ids(
+          setup.tokenizer, [record["answer"] for record in records])]
+    # One op for the split's keys, not one per example.
+    keys = task_specific.example_key(tf.constant(ids, tf.string)).numpy()
+    for example_id, key, example_answers in zip(ids, keys.tolist(), answers):
       for answer_index, answer in enumerate(
-          answers if setup.config.every_answer else answers[:1]):
+          example_answers if setup.config.every_answer
+          else example_answers[:1]):
         if (key, answer_index) in self.entries:
           raise utils.UserError(
               f"split {split!r}: id {example_id!r} appears twice (or two ids "

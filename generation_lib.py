@@ -405,7 +405,7 @@ class GenerationConfig:
   tokenizer: typing.Optional[str] = setting(
       None,
       "GPT2TokenizerFast key or directory. Default: the run's, else "
-      "--model_key's (for a run's final_model/, which holds none, the "
+      "--model_key's (for an older run's final_model/, which holds none, the "
       "run's).")
   cache_dir: typing.Optional[str] = setting(
       None,
@@ -512,7 +512,7 @@ def _model_and_tokenizer(config, strategy):
 
 def _model_tokenizer(model_key):
   """The tokenizer of a Hugging Face GPT-2: its own; for a run's
-  final_model/, which holds none, the run's."""
+  final_model/ written before it held one, the run's."""
   if not tf.io.gfile.isdir(model_key) or any(
       tf.io.gfile.exists(os.path.join(model_key, name))
       for name in _TOKENIZER_FILES):

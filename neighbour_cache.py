@@ -214,7 +214,7 @@ def reading_shards(cache_dir, files, split):
         raise _shard_refusal(cache_dir, split, str(damage)) from None
     raise _shard_refusal(
         cache_dir, split,
-        f"a shard did not read ({tf_utils.op_error_reason(error)})") from None
+        f"a shard did not read ({utils.error_reason(error)})") from None
 
 
 def tokenizer_fingerprint(tokenizer):

@@ -165,10 +165,9 @@ class QueryEmbedder:
     try:
       module = _load_hub_module(embedder_path)
     except (OSError, ValueError, tf.errors.OpError) as error:
-      reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
       raise utils.UserError(
           f"{embedder_path}: not a loadable TF-Hub module or SavedModel "
-          f"({reason[:200]})") from None
+          f"({utils.error_reason(error)})") from None
     signatures = getattr(module, "signatures", {})
     for name in ("projected", "tokenization_info"):
       if name not in signatures:

@@ -58,10 +58,9 @@ def load_tokenizer(key_or_dir, flag="--tokenizer"):
   try:
     return transformers.GPT2TokenizerFast.from_pretrained(key_or_dir)
   except (OSError, ValueError) as error:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     raise utils.UserError(
         f"tokenizer {key_or_dir!r}: cannot be loaded as a GPT2TokenizerFast "
-        f"({reason[:200]})") from None
+        f"({utils.error_reason(error)})") from None
 
 
 def text_token_ids(tokenizer, texts):
@@ -258,6 +257,14 @@ def lay_out_example(question_ids, contexts, answer_ids, layout):
   return features
 
 
+def check_eval_stride(stride, max_answer_tokens):
+  """A UserError unless 1 <= stride <= max_answer_tokens."""
+  if not (isinstance(stride, int) and 1 <= stride <= max_answer_tokens):
+    raise utils.UserError(
+        f"--eval_stride={stride}: expected an integer between 1 and "
+        f"--max_answer_tokens={max_answer_tokens}")
+
+
 def lay_out_answer_windows(question_ids, contexts, answer_ids, layout, stride):
   """A whole answer of any length as windows that label each of its tokens once.
 
@@ -286,10 +293,7 @@ def lay_out_answer_windows(question_ids, contexts, answer_ids, layout, stride):
     `attention_mask`, `label_mask`, each row as `lay_out_example`'s.
   """
   room = layout.max_answer_tokens
-  if not (isinstance(stride, int) and 1 <= stride <= room):
-    raise utils.UserError(
-        f"--eval_stride={stride}: expected an integer between 1 and "
-        f"--max_answer_tokens={room}")
+  check_eval_stride(stride, room)
   prompt = prompt_ids(question_ids, contexts, layout)
   labels = tf.concat([answer_ids, [layout.eos_id]], axis=0)
   num_labels = tf.size(labels)

@@ -104,7 +104,7 @@ def _tpu_strategy(tpu):
   except Exception as error:  # pylint: disable=broad-except
     # The resolver fails in many ways (no name, DNS, no TPU ops); all mean the
     # same to the user: there is no TPU to run on.
-    reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
+    reason = utils.error_reason(error, limit=160)
     raise utils.UserError(
         f"--distribute_mode=TPUStrategy: no TPU reachable with --tpu={tpu!r} "
         f"({reason}); devices found: {found}") from None
@@ -568,14 +568,6 @@ def write_tfrecords(path, serialized_records):
   return count
 
 
-def op_error_reason(error):
-  """The readable part of a TensorFlow op error's message (one line)."""
-  text = (str(error.message if isinstance(error, tf.errors.OpError)
-              else error).strip().splitlines() or [type(error).__name__])[0]
-  text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text)
-  return re.sub(r"\s*\[Op:\w+\].*$", "", text)[:200]
-
-
 # Bytes around each record's data in a TFRecord file: its length (8) and the
 # CRCs of the length (4) and of the data (4).
 _TFRECORD_FRAMING_BYTES = 16
@@ -600,7 +592,7 @@ def count_tfrecords(path):
   except tf.errors.DataLossError as error:
     # The batch that meets the damage is lost whole: its good records are
     # counted one by one.
-    reason = op_error_reason(error)
+    reason = utils.error_reason(error)
     try:
       for _ in tf.data.TFRecordDataset(path).skip(count):
         count += 1

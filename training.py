@@ -442,9 +442,9 @@ def _has_answers(files, split):
   try:
     return bool(list(answered))
   except tf.errors.OpError as error:
-    reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
     raise utils.UserError(
-        f"split {split!r} of the cache: unreadable shard ({reason}), "
+        f"split {split!r} of the cache: unreadable shard "
+        f"({utils.error_reason(error)}), "
         "expected complete TFRecord shards (rerun query_cacher_tfrecord.py)"
     ) from None
 

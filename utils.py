@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import uuid
@@ -65,6 +66,16 @@ def guarded(main, takes_arguments=False):
                  "room to write there (free space, then rerun to resume)")
 
   return guarded_main
+
+
+def error_reason(error, limit=200):
+  """The first line of an exception's message, at most `limit` characters,
+  for a one-line error (TensorFlow's function-node prefix and op suffix
+  left out)."""
+  text = (str(error.message if isinstance(error, tf.errors.OpError)
+              else error).strip().splitlines() or [type(error).__name__])[0]
+  text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text)
+  return re.sub(r"\s*\[Op:\w+\].*$", "", text)[:limit]
 
 
 def temporary_path(path):
