@@ -15,7 +15,18 @@ at `max_block_tokens`), each text tokenized as it appears in the layout
 last.
 
 Exact search runs on the devices of the config's `strategy`
-(`tf_utils.StrategyConfig`), the blocks split over them.
+(`tf_utils.StrategyConfig`), the blocks split over them. The neighbours'
+GPT-2 ids come from `token_store.block_tokens`: tokenized as they come, or
+read from a pre-tokenised store (`block_token_store`), which gives the same
+ids faster, so the manifest does not record it and the cache is the same
+bytes either way.
+
+A question-only cache (`num_neighbours=0`) holds questions and answers and no
+neighbours: no retriever is loaded and the retrieval settings are not used;
+its manifest records `search: {"kind": "none"}`, `num_neighbours: 0` and no
+embedder, blocks or titles. Live retrieval (`live_retrieval.py`) reads the
+questions of such a cache and retrieves their neighbours itself; `naked_lm`
+trains on it.
 
 Resuming: the manifest the run will write is computed up front and kept as
 `manifest.pending.json` while the run is unfinished. A rerun with the same
@@ -27,7 +38,6 @@ run's. A rerun with another request into the same directory is refused.
 the fields of `CacheConfig` (`cli.define_flags`).
 """
 
-import collections
 import dataclasses
 import itertools
 import os
@@ -44,6 +54,7 @@ import retrievers
 import settings
 import task_specific
 import tf_utils
+import token_store
 import utils
 
 setting = settings.setting
@@ -57,9 +68,9 @@ class CacheConfig:
   """Every setting of a cacher run (query_cacher_tfrecord.py's flags)."""
   retriever_config_path: typing.Optional[str] = setting(
       None,
-      "Required. Retriever config JSON (query_embedder_path, text_records, "
-      "num_block_records, optional title_records), e.g. "
-      "configs/retriever_configs/*.json.")
+      "Required (but with --num_neighbours=0). Retriever config JSON "
+      "(query_embedder_path, text_records, num_block_records, optional "
+      "title_records), e.g. configs/retriever_configs/*.json.")
   dataset_root: typing.Optional[str] = setting(
       None,
       "Required. Directory (local or gs://) holding the KILT ELI5 files under "
@@ -70,7 +81,11 @@ class CacheConfig:
   splits: tuple = setting(
       neighbour_cache.SPLITS,
       f"Splits to cache, among {', '.join(neighbour_cache.SPLITS)}.")
-  num_neighbours: int = setting(100, "Neighbour blocks cached per question.")
+  num_neighbours: int = setting(
+      100,
+      "Neighbour blocks cached per question. 0: questions and answers only "
+      "(no retriever loaded, the retrieval flags unused), for "
+      "main.py's live_retrieval or naked_lm approach.")
   search: str = setting(
       "exact",
       "exact: brute-force inner products over every block; scann: ScaNN "
@@ -90,7 +105,14 @@ class CacheConfig:
   block_token_cache_size: int = setting(
       100000,
       "GPT-2 ids of this many recently used blocks are kept in memory, so "
-      "that popular neighbours are read and tokenized once (0: none kept).")
+      "that popular neighbours are read and tokenized once (0: none kept; "
+      "unused with --block_token_store).")
+  block_token_store: typing.Optional[str] = setting(
+      None,
+      "Optional: read the neighbours' GPT-2 ids from this pre-tokenised block "
+      "store (util_scripts/pretokenize_blocks.py, same tokenizer and "
+      "--context_with_title, cut at 0 or >= --max_block_tokens) instead of "
+      "tokenizing them; the cache is the same bytes either way.")
   max_query_length: int = setting(
       0,
       "Wordpieces of each question given to the REALM query embedder, [CLS] "
@@ -138,7 +160,11 @@ def shard_ranges(num_questions, num_shards):
 def planned_manifest(*, retriever_config, tokenizer_name, tokenizer, search,
                      num_neighbours, max_block_tokens, split_sizes, num_shards,
                      max_query_length=0, context_with_title=False):
-  """The manifest a complete run writes; known before any question is searched."""
+  """The manifest a complete run writes; known before any question is searched.
+
+  A question-only cache has no `retriever_config` (None): no embedder,
+  blocks or titles.
+  """
   splits = {}
   for split, num_questions in split_sizes.items():
     ranges = shard_ranges(num_questions, num_shards)
@@ -147,12 +173,13 @@ def planned_manifest(*, retriever_config, tokenizer_name, tokenizer, search,
                    for index in range(len(ranges))],
         "num_records": num_questions,
     }
+  retriever_config = retriever_config or {}
   return {
       "format_version": neighbour_cache.FORMAT_VERSION,
-      "embedder_path": retriever_config["query_embedder_path"],
-      "blocks_path": retriever_config["text_records"],
+      "embedder_path": retriever_config.get("query_embedder_path"),
+      "blocks_path": retriever_config.get("text_records"),
       "titles_path": retriever_config.get("title_records"),
-      "num_blocks": retriever_config["num_block_records"],
+      "num_blocks": retriever_config.get("num_block_records"),
       "max_query_length": max_query_length,
       "context_with_title": context_with_title,
       "tokenizer": tokenizer_name,
@@ -210,62 +237,23 @@ def _remove_if_exists(path):
     tf.io.gfile.remove(path)
 
 
-def context_texts(block_store, block_ids, with_title=False):
-  """The text GPT-2 reads of each block: its text, or `title: text`."""
-  texts = block_store.texts(block_ids)
-  if not with_title:
-    return texts
-  return [f"{title}: {text}"
-          for title, text in zip(block_store.titles(block_ids), texts)]
-
-
-class BlockTokenCache:
-  """GPT-2 ids of blocks (cut at `max_block_tokens`), the most recently used kept.
-
-  Popular blocks are the neighbours of many questions: keeping their ids
-  saves reading and tokenizing them again. Ids are stored as int32 arrays, so
-  `capacity` blocks take at most capacity * max_block_tokens * 4 bytes.
-  A block's text is `context_texts`' (`with_title`: `title: text`).
-  """
-
-  def __init__(self, tokenizer, block_store, max_block_tokens, capacity,
-               with_title=False):
-    self._tokenizer = tokenizer
-    self._block_store = block_store
-    self._max_block_tokens = max_block_tokens
-    self._capacity = capacity
-    self._with_title = with_title
-    self._ids = collections.OrderedDict()
-
-  def token_ids(self, block_ids):
-    """A list of id lists, one per block id."""
-    block_ids = [int(block_id) for block_id in block_ids]
-    missing = sorted({b for b in block_ids if b not in self._ids})
-    fresh = dict(zip(missing, (
-        np.array(ids[:self._max_block_tokens], np.int32)
-        for ids in task_specific.text_token_ids(
-            self._tokenizer, context_texts(self._block_store, missing,
-                                           self._with_title)))))
-    found = [fresh[b] if b in fresh else self._ids[b] for b in block_ids]
-    for block_id in block_ids:
-      if block_id in self._ids:
-        self._ids.move_to_end(block_id)
-      elif self._capacity:
-        self._ids[block_id] = fresh[block_id]
-    while len(self._ids) > self._capacity:
-      self._ids.popitem(last=False)
-    return [ids.tolist() for ids in found]
-
-
 def shard_records(questions, retriever, tokenizer, block_tokens, *,
                   num_neighbours, batch_size, progress):
-  """Serialized `neighbour_cache` records of `questions`, in order, batch by batch."""
+  """Serialized `neighbour_cache` records of `questions`, in order, batch by batch.
+
+  With `num_neighbours` 0 the records have no neighbours and `retriever`
+  and `block_tokens` are not used.
+  """
   for start in range(0, len(questions), batch_size):
     batch = questions[start:start + batch_size]
     texts = [question for _, question, _ in batch]
-    scores, block_ids = retriever.search(retriever.embedder.embed(texts),
-                                         num_neighbours)
-    neighbour_ids = block_tokens.token_ids(block_ids.reshape(-1))
+    if num_neighbours:
+      scores, block_ids = retriever.search(retriever.embedder.embed(texts),
+                                           num_neighbours)
+      neighbour_ids = block_tokens.token_ids(block_ids.reshape(-1))
+    else:  # A question-only cache.
+      scores = block_ids = np.zeros([len(batch), 0])
+      neighbour_ids = []
     question_ids = task_specific.text_token_ids(tokenizer, texts)
     for row, (example_id, question, answers) in enumerate(batch):
       yield neighbour_cache.encode_example(
@@ -316,11 +304,16 @@ def write_missing_shards(output_dir, manifest, kilt_paths, shard_records_fn):
 
 def _check_config(config):
   """A UserError naming the flag of the first setting `cache` cannot take."""
-  for name in ("retriever_config_path", "dataset_root", "output_dir"):
+  required = ["dataset_root", "output_dir"]
+  if config.num_neighbours:
+    required.insert(0, "retriever_config_path")
+  for name in required:
     if not getattr(config, name):
       raise utils.UserError(f"--{name} is required")
-  for name in ("num_neighbours", "batch_size", "num_shards",
-               "max_block_tokens"):
+  if config.num_neighbours < 0:
+    raise utils.UserError(f"--num_neighbours={config.num_neighbours}: must "
+                          "be >= 0 (0: questions and answers only)")
+  for name in ("batch_size", "num_shards", "max_block_tokens"):
     value = getattr(config, name)
     if value < 1:
       raise utils.UserError(f"--{name}={value}: must be at least 1")
@@ -343,12 +336,53 @@ def _check_config(config):
 
 def _search_description(config):
   """(the manifest's `search`, the ScaNN config or None)."""
+  if not config.num_neighbours:
+    return {"kind": "none"}, None
   if config.search == "exact":
     return {"kind": "exact"}, None
   if not config.scann_config_path:
     raise utils.UserError("--search=scann needs --scann_config_path")
   scann_config = retrievers.load_scann_config(config.scann_config_path)
   return dict(scann_config, kind="scann"), scann_config
+
+
+def _checked_retriever_config(config):
+  """The retriever config of a run that searches, checked against its settings."""
+  retriever_config = retrievers.load_retriever_config(
+      config.retriever_config_path,
+      context_with_title=config.context_with_title)
+  if config.num_neighbours > retriever_config["num_block_records"]:
+    raise utils.UserError(
+        f"--num_neighbours={config.num_neighbours}: there are only "
+        f"{retriever_config['num_block_records']} blocks")
+  return retriever_config
+
+
+def _block_settings(config):
+  """The manifest's settings of how blocks are read: unused (0, 0, False)
+  by a question-only cache, so that they do not tell two such caches apart."""
+  if not config.num_neighbours:
+    return dict(max_block_tokens=0, max_query_length=0,
+                context_with_title=False)
+  return dict(max_block_tokens=config.max_block_tokens,
+              max_query_length=config.max_query_length,
+              context_with_title=config.context_with_title)
+
+
+def _load_retrieval(config, retriever_config, scann_config, tokenizer):
+  """(the retriever, what gives the neighbours' GPT-2 ids) of a run."""
+  strategy = tf_utils.strategy_from_config(config.strategy)
+  retriever = retrievers.LiveRetriever(
+      retriever_config, config.search, scann_config=scann_config,
+      scann_index_dir=config.scann_index_dir,
+      devices=strategy.extended.worker_devices,
+      max_query_length=config.max_query_length)
+  block_tokens = token_store.block_tokens(
+      tokenizer, retriever.blocks, config.max_block_tokens,
+      with_title=config.context_with_title,
+      capacity=config.block_token_cache_size,
+      store_dir=config.block_token_store)
+  return retriever, block_tokens
 
 
 def cache(config):
@@ -361,17 +395,9 @@ def cache(config):
     The cache's manifest.
   """
   _check_config(config)
-  retriever_config = retrievers.load_retriever_config(
-      config.retriever_config_path)
-  if config.context_with_title and retriever_config["title_records"] is None:
-    raise utils.UserError(
-        f"--context_with_title: {config.retriever_config_path} has no "
-        "title_records, expected one naming the titles.tfr of the blocks")
   num_neighbours = config.num_neighbours
-  if num_neighbours > retriever_config["num_block_records"]:
-    raise utils.UserError(
-        f"--num_neighbours={num_neighbours}: there are only "
-        f"{retriever_config['num_block_records']} blocks")
+  retriever_config = (_checked_retriever_config(config) if num_neighbours
+                      else None)
   search, scann_config = _search_description(config)
   kilt_paths = {split: os.path.join(config.dataset_root,
                                     kilt_files.ELI5_SPLIT_FILES[split])
@@ -379,13 +405,19 @@ def cache(config):
   split_sizes = {split: count_kilt_questions(path)
                  for split, path in kilt_paths.items()}
   tokenizer = task_specific.load_tokenizer(config.tokenizer)
+  if num_neighbours and config.block_token_store:
+    # Refused now rather than after the block embeddings have loaded.
+    token_store.open_store(
+        config.block_token_store, tokenizer=tokenizer,
+        max_block_tokens=config.max_block_tokens,
+        with_title=config.context_with_title,
+        num_blocks=retriever_config["num_block_records"])
   output_dir = config.output_dir
   manifest = planned_manifest(
       retriever_config=retriever_config, tokenizer_name=config.tokenizer,
       tokenizer=tokenizer, search=search, num_neighbours=num_neighbours,
-      max_block_tokens=config.max_block_tokens, split_sizes=split_sizes,
-      num_shards=config.num_shards, max_query_length=config.max_query_length,
-      context_with_title=config.context_with_title)
+      split_sizes=split_sizes, num_shards=config.num_shards,
+      **_block_settings(config))
   if check_existing(output_dir, manifest):
     _remove_if_exists(os.path.join(output_dir, PENDING_MANIFEST_NAME))
     print(f"{output_dir}: the cache is already complete")
@@ -394,18 +426,13 @@ def cache(config):
   # once, before loading the retriever.
   with utils.locked_directory(output_dir, LOCK_NAME,
                               f"neighbour cache {output_dir}"):
-    strategy = tf_utils.strategy_from_config(config.strategy)
-    retriever = retrievers.LiveRetriever(
-        retriever_config, config.search, scann_config=scann_config,
-        scann_index_dir=config.scann_index_dir,
-        devices=strategy.extended.worker_devices,
-        max_query_length=config.max_query_length)
+    retriever = block_tokens = None
+    if num_neighbours:
+      retriever, block_tokens = _load_retrieval(config, retriever_config,
+                                                scann_config, tokenizer)
     # Written once the inputs have loaded: from here on, shards are kept.
     utils.atomic_write_json(os.path.join(output_dir, PENDING_MANIFEST_NAME),
                             manifest)
-    block_tokens = BlockTokenCache(
-        tokenizer, retriever.blocks, config.max_block_tokens,
-        config.block_token_cache_size, with_title=config.context_with_title)
     write_missing_shards(output_dir, manifest, kilt_paths, shard_records_fn=(
         lambda questions, progress: shard_records(
             questions, retriever, tokenizer, block_tokens,
@@ -414,7 +441,7 @@ def cache(config):
     utils.atomic_write_json(
         os.path.join(output_dir, neighbour_cache.MANIFEST_NAME), manifest)
     _remove_if_exists(os.path.join(output_dir, PENDING_MANIFEST_NAME))
-    print(f"{output_dir}: cached {num_neighbours} neighbours for "
+    print(f"{output_dir}: cached {num_neighbours or 'no'} neighbours for "
           + ", ".join(f"{split_sizes[split]} {split}"
                       for split in config.splits)
           + " questions")

@@ -18,6 +18,10 @@ class Approach(str, enum.Enum):
   NAKED_LM = "naked_lm"  # No contexts.
   CACHED_PRETOK = "cached_pretok"  # Drawn from its cached neighbours.
   RANDOM_CONTEXT = "random_context"  # Drawn from another question's.
+  # Drawn as cached_pretok draws, from neighbours retrieved as the pipeline
+  # runs (`live_retrieval`); the data configs of such a run are cached_pretok
+  # ones with `live_num_neighbours`.
+  LIVE_RETRIEVAL = "live_retrieval"
 
   def __str__(self):
     return self.value

@@ -109,15 +109,16 @@ def condition_data_config(setup, condition):
     extra = dict(shuffle_contexts=True)
   elif condition == Condition.DISTRACTOR:
     offset = config.distractor_offset or config.num_retrievals
-    available = setup.manifest["num_neighbours"]
+    available = setup.neighbours_per_question
     if offset + config.num_retrievals > available:
       last = offset + config.num_retrievals - 1
       raise utils.UserError(
           f"--conditions=distractor: ranks {offset}..{last} asked for "
           f"(--distractor_offset="
-          f"{offset}, --num_retrievals={config.num_retrievals}), but the cache "
-          f"stores {available} neighbours per question, expected "
-          "--distractor_offset + --num_retrievals <= that")
+          f"{offset}, --num_retrievals={config.num_retrievals}), but there "
+          f"are {available} neighbours per question (the cache's, or "
+          "--live_num_neighbours), expected --distractor_offset + "
+          "--num_retrievals <= that")
     temperature, extra = 0.0, dict(rank_offset=offset)
   elif condition in (Condition.TOP_K, Condition.GOLD,
                      Condition.COUNTERFACTUAL):

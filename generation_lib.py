@@ -34,6 +34,7 @@ import decoding as decoding_lib
 import gpt2_weights
 import kilt_files
 import kilt_metrics
+import live_retrieval
 import modeling_tf_gpt2_model_par as modeling
 import neighbour_cache
 import run_dir as run_directory
@@ -144,8 +145,9 @@ def with_next_questions_neighbours(examples):
   return tf.data.Dataset.zip(examples, partners).map(swap)
 
 
-def read_prompts(files, config, layout, max_examples=0):
-  """Every prompt of a split's shards, in file order.
+def read_prompts(files, config, layout, max_examples=0, retrieval=None):
+  """Every prompt of a split's shards, in file order (with
+  `config.live_num_neighbours`, their neighbours retrieved by `retrieval`).
 
   Returns:
     A dict of numpy arrays, one row per example: `id`, `question` (str),
@@ -155,8 +157,19 @@ def read_prompts(files, config, layout, max_examples=0):
     int32 [N, k, max_context_tokens] (the ids of each context that the
     prompt holds, -1 after them), and the TRUNCATION_COUNTS per example.
   """
-  dataset = tf.data.TFRecordDataset(files).map(neighbour_cache.parse_example)
-  if config.approach == context_draw.Approach.RANDOM_CONTEXT:
+  records = tf.data.TFRecordDataset(files)
+  random_partners = config.approach == context_draw.Approach.RANDOM_CONTEXT
+  if config.live_num_neighbours:
+    if max_examples and not random_partners:
+      records = records.take(max_examples)
+    dataset = live_retrieval.with_live_neighbours(
+        records.map(lambda record: (context_draw.EVALUATION_EPOCH, record)),
+        retrieval, config.live_num_neighbours, config.live_batch_size).map(
+            lambda epoch, example: example).with_options(
+                live_retrieval.pipeline_options())
+  else:
+    dataset = records.map(neighbour_cache.parse_example)
+  if random_partners:
     dataset = with_next_questions_neighbours(dataset)
   if max_examples:
     dataset = dataset.take(max_examples)
@@ -439,8 +452,10 @@ class GenerationConfig:
       "naked_lm: no contexts; cached_pretok: contexts from the cached "
       "neighbours; random_context: from the next question's (the last "
       "question takes the first's), as evaluation's random condition. "
-      "Default: the run's (cached_pretok for a random_context run), else "
-      "cached_pretok.", choices=context_draw.APPROACHES)
+      "live_retrieval: from neighbours retrieved now (--retrieval_server or "
+      "--retriever_config_path; without either, the run's retrieval "
+      "settings). Default: the run's (cached_pretok for a random_context "
+      "run), else cached_pretok.", choices=context_draw.APPROACHES)
   num_retrievals: typing.Optional[int] = setting(
       None, "Contexts per prompt. Default: the run's, else 5.")
   retrieval_temperature: float = setting(
@@ -466,6 +481,7 @@ class GenerationConfig:
       "KILT gold jsonl with answers (e.g. "
       f"{kilt_files.ELI5_SPLIT_FILES['validation']}); required "
       "with --evaluate.")
+  retrieval: live_retrieval.RetrievalConfig = live_retrieval.RetrievalConfig()
   strategy: tf_utils.StrategyConfig = tf_utils.StrategyConfig()
 
 
@@ -531,17 +547,35 @@ def _given(value, default):
   return default if value is None else value
 
 
-def _data_config(config, run):
-  """The contexts' settings: the flag's if given, else the run's (`run`: its
-  TrainConfig, or the defaults for a Hugging Face model)."""
-  approach = config.approach_type or run.approach_type
+def _approach(config, run):
+  """The approach asked for, else the run's."""
+  approach = context_draw.Approach(config.approach_type or run.approach_type)
   if not config.approach_type and (
       approach == context_draw.Approach.RANDOM_CONTEXT):
     # A random_context run is a control trained on the wrong contexts; it
     # answers from its own question's neighbours unless told otherwise.
-    approach = context_draw.Approach.CACHED_PRETOK
+    return context_draw.Approach.CACHED_PRETOK
+  return approach
+
+
+def _retrieval_config(config, run):
+  """The live retrieval's settings: the flags' when they say where to
+  retrieve from, else the run's."""
+  given = config.retrieval
+  if given.retrieval_server or given.retriever_config_path:
+    return given
+  return run.retrieval
+
+
+def _data_config(config, run, approach, retrieval_config):
+  """The contexts' settings: the flag's if given, else the run's (`run`: its
+  TrainConfig, or the defaults for a Hugging Face model)."""
+  live = approach == context_draw.Approach.LIVE_RETRIEVAL
   return task_specific.DataConfig(
-      approach=context_draw.Approach(approach),
+      approach=context_draw.Approach.CACHED_PRETOK if live else approach,
+      live_num_neighbours=(retrieval_config.live_num_neighbours if live
+                           else 0),
+      live_batch_size=retrieval_config.retrieval_batch_size,
       num_retrievals=_given(config.num_retrievals, run.num_retrievals),
       retrieval_temperature=config.retrieval_temperature,
       retrieval_bank_size=_given(config.retrieval_bank_size,
@@ -549,14 +583,23 @@ def _data_config(config, run):
       seed=_given(config.random_seed, run.random_seed))
 
 
-def _block_titles(config, data_config, manifest, titles_path, title_map):
-  """fn(block id) -> title or None; None for prompts without contexts."""
+def _block_titles(config, data_config, manifest, titles_path, title_map,
+                  retrieval):
+  """fn(block id) -> title or None; None for prompts without contexts.
+
+  Live neighbours are blocks of the retrieval's corpus: their titles are
+  its own when it runs here, else `--titles_path`'s.
+  """
+  if retrieval is not None and not config.titles_path and hasattr(
+      retrieval, "titles"):
+    return lambda block_id: retrieval.titles([block_id])[0]
   if title_map is not None and not titles_path:
     raise utils.UserError(
         "--kilt_title_map: the provenance needs block titles to map, but the "
         "cache's manifest has no titles_path; give --titles_path (REALM's "
         "titles.tfr)")
-  if data_config.approach == context_draw.Approach.NAKED_LM:
+  if data_config.approach == context_draw.Approach.NAKED_LM or (
+      retrieval is not None and not config.titles_path):
     return None
   blocks = block_store.BlockStore(
       config.blocks_path or manifest["blocks_path"], manifest["num_blocks"],
@@ -617,8 +660,13 @@ def generate(config):
       manifest, cache_dir, split=config.split,
       vocab_size=model.config.vocab_size,
       tokenizer_fingerprint=neighbour_cache.tokenizer_fingerprint(tokenizer))
-  data_config = _data_config(config, run)
+  approach = _approach(config, run)
+  retrieval_config = _retrieval_config(config, run)
+  data_config = _data_config(config, run, approach, retrieval_config)
   task_specific.check_data_config(data_config, manifest, cache_dir)
+  retrieval = None
+  if data_config.live_num_neighbours:
+    retrieval = live_retrieval.open_retrieval(retrieval_config, tokenizer)
   layout_config = settings.from_flat(
       task_specific.LayoutConfig,
       {**settings.flatten(run.layout), **config.layout_overrides}, "layout")
@@ -627,11 +675,12 @@ def generate(config):
   decode = decoding_lib.resolve_max_new_tokens(
       config.decoding, layout, model.config.n_positions)
   titles_path = config.titles_path or manifest.get("titles_path")
-  titles = _block_titles(config, data_config, manifest, titles_path, title_map)
+  titles = _block_titles(config, data_config, manifest, titles_path, title_map,
+                         retrieval)
 
   prompts = read_prompts(
       neighbour_cache.split_files(cache_dir, manifest, config.split),
-      data_config, layout, config.max_examples)
+      data_config, layout, config.max_examples, retrieval)
   truncation = truncation_summary(prompts, layout)
   logging.info("prompt layout: %s", truncation)
 
@@ -640,7 +689,12 @@ def generate(config):
       "tokenizer": tokenizer_key, "cache_dir": cache_dir,
       "split": config.split, "max_examples": config.max_examples,
       "num_examples": len(prompts["id"]),
-      "approach_type": data_config.approach.value,
+      "approach_type": approach.value,
+      # What the neighbours are (a resumed job must retrieve from the same
+      # index), not where they were served from.
+      "retrieval": retrieval and {
+          name: value for name, value in live_retrieval.recorded(
+              retrieval).items() if name != "source"},
       "num_retrievals": data_config.num_retrievals,
       "retrieval_temperature": data_config.retrieval_temperature,
       "retrieval_bank_size": data_config.retrieval_bank_size,

@@ -26,8 +26,14 @@ The manifest (written last, so a directory without it is not a finished cache):
    "max_query_length": int,       wordpieces per question (0: no cut)
    "context_with_title": bool,    neighbour_ids are of `title: text`
    "tokenizer": str, "vocab_size": int, "tokenizer_fingerprint": str,
-   "search": {"kind": "exact"} | {"kind": "scann", ...the ScaNN config...},
-   "num_neighbours": int, "max_block_tokens": int,
+   "search": {"kind": "exact"} | {"kind": "scann", ...the ScaNN config...}
+             | {"kind": "none"} (a question-only cache),
+   "num_neighbours": int,         0: questions and answers only (no
+                                  retriever: embedder_path, blocks_path,
+                                  titles_path and num_blocks are null,
+                                  max_block_tokens 0), for live retrieval
+                                  or naked_lm
+   "max_block_tokens": int,
    "splits": {"train": {"shards": [names], "num_records": int}, ...}}
 
 Manifests written before titles were read lack `titles_path`,
@@ -170,6 +176,10 @@ def check_manifest(manifest, cache_dir, *, split=None, vocab_size=None,
     raise utils.UserError(
         f"{cache_dir}: cached with tokenizer {manifest['tokenizer']!r}, which "
         "differs from the tokenizer asked for (vocabulary/merges fingerprint)")
+  if num_neighbours and not manifest["num_neighbours"]:
+    raise utils.UserError(
+        f"{cache_dir}: has no neighbours (made with --num_neighbours=0); use "
+        "--approach_type=live_retrieval or naked_lm")
   if num_neighbours is not None and num_neighbours > manifest["num_neighbours"]:
     raise utils.UserError(
         f"{cache_dir}: {num_neighbours} neighbours asked for, but the cache "

@@ -13,6 +13,13 @@ last). Rerunning the same command after a kill keeps the shards already
 written and gives the uninterrupted run's cache; another request into the
 same directory is refused; one cacher at a time writes a directory.
 
+`--block_token_store=BLOCK_TOKENS` reads the neighbours' GPT-2 ids from a
+pre-tokenised store (util_scripts/pretokenize_blocks.py) instead of
+tokenizing them: the same cache, byte for byte, faster. `--num_neighbours=0`
+caches questions and answers only, without loading a retriever (no
+`--retriever_config_path` needed), for `--approach_type=live_retrieval`
+(which retrieves the neighbours itself) or `naked_lm`.
+
 The flags are the fields of `caching.CacheConfig`; from Python, call
 `caching.cache(config)`.
 """

@@ -42,11 +42,12 @@ def _resolve_beside(path, config_path):
   return os.path.join(os.path.dirname(config_path), path)
 
 
-def load_retriever_config(path):
+def load_retriever_config(path, *, context_with_title=False):
   """Reads a retriever config: `query_embedder_path`, `text_records`, `num_block_records`.
 
   Optional: `title_records` (titles.tfr, record i the page title of block i;
-  None when absent). Relative paths in the file are taken relative to the
+  None when absent), which `context_with_title` (blocks read as
+  `title: text`) needs. Relative paths in the file are taken relative to the
   file's directory.
   """
   config = utils.read_json(path, "retriever config")
@@ -72,6 +73,10 @@ def load_retriever_config(path):
     raise utils.UserError(f"{path}: unknown key(s) {', '.join(unknown)} "
                           f"(expected {', '.join(all_keys)})")
   title_records = config.get("title_records")
+  if context_with_title and title_records is None:
+    raise utils.UserError(
+        f"--context_with_title: {path} has no title_records, expected one "
+        "naming the titles.tfr of the blocks")
   return {
       "query_embedder_path": _resolve_beside(config["query_embedder_path"],
                                              path),
@@ -382,9 +387,13 @@ class ScannSearcher:
       raise utils.UserError(
           f"{k} neighbours asked for, but the ScaNN config reorders only "
           f"reordering_num_neighbors={reordering}")
+    queries = np.asarray(queries, dtype=np.float32)
+    # ScaNN's threads take batches of 256 queries, so 300 on 2 cores would
+    # run as 256 + 44: even batches instead, one per core, at most 256.
+    batch_size = max(1, min(256, -(-len(queries) // (os.cpu_count() or 1))))
     block_ids, scores = self._searcher.search_batched_parallel(
-        np.asarray(queries, dtype=np.float32), final_num_neighbors=k,
-        leaves_to_search=leaves_to_search)
+        queries, final_num_neighbors=k, leaves_to_search=leaves_to_search,
+        batch_size=batch_size)
     if block_ids.shape[1] < k:
       raise utils.UserError(
           f"ScaNN found only {block_ids.shape[1]} of {k} neighbours; search "

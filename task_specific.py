@@ -31,6 +31,7 @@ import transformers
 
 import context_draw
 import gpt2_weights
+import live_retrieval
 import modeling_tf_gpt2_model_par
 import neighbour_cache
 import settings
@@ -354,6 +355,11 @@ class DataConfig:
   # Evaluation: score a whole long answer in windows (`lay_out_answer_windows`)
   # labelling this many tokens each after the first; 0 cuts it.
   eval_stride: int = 0
+  # > 0: each question's neighbours are retrieved as the pipeline runs, this
+  # many (`make_dataset`'s `retrieval`), `live_batch_size` questions at a
+  # time, instead of read from the cache, whose records give the questions.
+  live_num_neighbours: int = 0
+  live_batch_size: int = 32
 
 
 def check_data_config(config, manifest, cache_dir):
@@ -371,16 +377,22 @@ def check_data_config(config, manifest, cache_dir):
   if config.retrieval_temperature < 0:
     raise utils.UserError(
         f"retrieval temperature {config.retrieval_temperature}: must be >= 0")
-  neighbour_cache.check_manifest(
-      manifest, cache_dir,
-      num_neighbours=config.num_retrievals + config.rank_offset)
+  needed = config.num_retrievals + config.rank_offset
+  if config.live_num_neighbours:
+    depth, source = config.live_num_neighbours, "retrieved"
+    if needed > depth:
+      raise utils.UserError(
+          f"--live_num_neighbours={depth}: {needed} neighbours per question "
+          "are needed (--num_retrievals plus the distractor offset)")
+  else:
+    neighbour_cache.check_manifest(manifest, cache_dir, num_neighbours=needed)
+    depth, source = manifest["num_neighbours"], "cached"
   bank_size = config.retrieval_bank_size
-  if bank_size and not (config.num_retrievals <= bank_size <=
-                        manifest["num_neighbours"]):
+  if bank_size and not config.num_retrievals <= bank_size <= depth:
     raise utils.UserError(
         f"--retrieval_bank_size={bank_size}: must be between --num_retrievals="
-        f"{config.num_retrievals} and the {manifest['num_neighbours']} "
-        "neighbours cached per question")
+        f"{config.num_retrievals} and the {depth} neighbours {source} per "
+        "question")
 
 
 def select_contexts(neighbours, neighbour_scores, seed, config):
@@ -541,7 +553,7 @@ def _pad_batch(features, batch_size):
 
 
 def make_dataset(files, config, layout, *, batch_size, training,
-                 input_context=None, batches_multiple=1):
+                 input_context=None, batches_multiple=1, retrieval=None):
   """Batches of laid-out examples from cache shards.
 
   Args:
@@ -557,6 +569,8 @@ def make_dataset(files, config, layout, *, batch_size, training,
     batches_multiple: evaluation only: the number of batches is padded with
       label-free batches to a multiple of this (the replicas fed by this
       pipeline), so every replica gets a batch at every step.
+    retrieval: with `config.live_num_neighbours`, what retrieves the
+      neighbours (`live_retrieval.open_retrieval`).
 
   Returns:
     A tf.data.Dataset of dicts: int32 [batch_size, sequence_length]
@@ -566,11 +580,18 @@ def make_dataset(files, config, layout, *, batch_size, training,
   """
   records = _serialized_records(files, config, training=training,
                                 input_context=input_context)
-  examples = records.map(_plain(
-      lambda epoch, record: (epoch, neighbour_cache.parse_example(record))),
-      num_parallel_calls=tf.data.AUTOTUNE)
-  return batch_examples(examples, config, layout, batch_size=batch_size,
-                        training=training, batches_multiple=batches_multiple)
+  if config.live_num_neighbours:
+    examples = live_retrieval.with_live_neighbours(
+        records, retrieval, config.live_num_neighbours, config.live_batch_size)
+  else:
+    examples = records.map(_plain(
+        lambda epoch, record: (epoch, neighbour_cache.parse_example(record))),
+        num_parallel_calls=tf.data.AUTOTUNE)
+  batches = batch_examples(examples, config, layout, batch_size=batch_size,
+                           training=training, batches_multiple=batches_multiple)
+  if config.live_num_neighbours:
+    batches = batches.with_options(live_retrieval.pipeline_options())
+  return batches
 
 
 def batch_examples(examples, config, layout, *, batch_size, training,

@@ -336,6 +336,12 @@ def make_train_step(strategy, loss_fn, variables, optimizer, *, clip_norm=None,
   token count of the GLOBAL batch. So one device, several replicas and
   several micro-batches give the same update for the same global batch.
 
+  With `jit_compile`, XLA compiles each replica's forward and backward passes
+  (all its micro-batches, `compile_replica_fn`); the all-reduce and the
+  optimizer's update, which reach every replica's copy of a variable, stay
+  outside, as cross-device work XLA cannot do on CPUs and GPUs. TPUStrategy
+  compiles its whole replica step anyway and inlines the compiled part.
+
   Args:
     strategy: the tf.distribute strategy that owns `variables`.
     loss_fn: micro_batch -> (loss_sum, num_tokens): the sum of per-token
@@ -345,40 +351,22 @@ def make_train_step(strategy, loss_fn, variables, optimizer, *, clip_norm=None,
     clip_norm: clip the global gradient norm to this, if given.
     batch_split: micro-batches per replica; the per-replica batch size must
       be divisible by it.
-    jit_compile: compile the replica step with XLA.
+    jit_compile: compile each replica's gradient computation with XLA. A
+      UserError when the variables live on several devices of a replica (a
+      model split over devices): XLA compiles for one device.
 
   Returns:
     A tf.function(distributed_batch) -> {"loss": mean loss per token,
     "grad_norm": global gradient norm before clipping, "num_tokens"}.
   """
   variables = list(variables)
-
-  def micro_batch_gradients(micro_batch):
-    with tf.GradientTape() as tape:
-      loss_sum, num_tokens = loss_fn(micro_batch)
-    gradients = tape.gradient(loss_sum, variables)
-    # Embedding gradients come as IndexedSlices; accumulation needs dense.
-    gradients = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
-                 for g, v in zip(gradients, variables)]
-    return gradients, tf.cast(loss_sum, tf.float32), tf.cast(num_tokens,
-                                                             tf.float32)
+  if jit_compile:
+    _check_one_device(variables)
+  replica_gradients = compile_replica_fn(
+      _make_replica_gradients(loss_fn, variables, batch_split), jit_compile)
 
   def replica_step(batch):
-    if batch_split == 1:
-      gradients, loss_sum, num_tokens = micro_batch_gradients(batch)
-    else:
-      micro_batches = _split_micro_batches(batch, batch_split)
-      gradients = [tf.zeros_like(v) for v in variables]
-      loss_sum = tf.constant(0.0)
-      num_tokens = tf.constant(0.0)
-      # A while loop (not a Python loop) so micro-batches run one at a time.
-      for index in tf.range(batch_split):
-        micro_batch = tf.nest.map_structure(lambda t: t[index], micro_batches)  # pylint: disable=cell-var-from-loop
-        micro_gradients, micro_loss, micro_tokens = micro_batch_gradients(
-            micro_batch)
-        gradients = [a + g for a, g in zip(gradients, micro_gradients)]
-        loss_sum += micro_loss
-        num_tokens += micro_tokens
+    gradients, loss_sum, num_tokens = replica_gradients(batch)
     context = tf.distribute.get_replica_context()
     gradients, loss_sum, num_tokens = context.all_reduce(
         tf.distribute.ReduceOp.SUM, (gradients, loss_sum, num_tokens))
@@ -393,9 +381,6 @@ def make_train_step(strategy, loss_fn, variables, optimizer, *, clip_norm=None,
     return {"loss": loss_sum / denominator, "grad_norm": grad_norm,
             "num_tokens": num_tokens}
 
-  if jit_compile:
-    replica_step = tf.function(replica_step, jit_compile=True)
-
   @tf.function
   def train_step(distributed_batch):
     per_replica = strategy.run(replica_step, args=(distributed_batch,))
@@ -405,6 +390,72 @@ def make_train_step(strategy, loss_fn, variables, optimizer, *, clip_norm=None,
         per_replica)
 
   return train_step
+
+
+def compile_replica_fn(fn, jit_compile):
+  """`fn`, to call in `strategy.run`, compiled with XLA on each replica when
+  `jit_compile`; `fn` must not reach other replicas (no all-reduce).
+
+  The compiled function is wrapped in a plain Python one: handed a
+  tf.function, MirroredStrategy on CPUs runs it once around all replicas,
+  i.e. as one XLA computation on the first device reading the others'
+  variables ("Trying to access resource ... located in device CPU:1 from
+  device CPU:0").
+  """
+  if not jit_compile:
+    return fn
+  compiled = tf.function(fn, jit_compile=True)
+
+  def replica_fn(*args):
+    return compiled(*args)
+
+  return replica_fn
+
+
+def _check_one_device(variables):
+  """A UserError when `variables` (a replica's: a distributed variable
+  counts by its primary copy) are spread over several devices."""
+  devices = sorted({v.device for v in variables})
+  if len(devices) > 1:
+    raise utils.UserError(
+        f"XLA (--experimental_compile): the variables to train live on "
+        f"{len(devices)} devices ({', '.join(devices)}), expected one: XLA "
+        "compiles a replica's step for a single device; drop "
+        "--experimental_compile or --model_devices")
+
+
+def _make_replica_gradients(loss_fn, variables, batch_split):
+  """batch -> (summed gradients, loss sum, token count) of one replica's
+  batch, over its `batch_split` micro-batches; nothing crosses replicas."""
+
+  def micro_batch_gradients(micro_batch):
+    with tf.GradientTape() as tape:
+      loss_sum, num_tokens = loss_fn(micro_batch)
+    gradients = tape.gradient(loss_sum, variables)
+    # Embedding gradients come as IndexedSlices; accumulation needs dense.
+    gradients = [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                 for g, v in zip(gradients, variables)]
+    return gradients, tf.cast(loss_sum, tf.float32), tf.cast(num_tokens,
+                                                             tf.float32)
+
+  def replica_gradients(batch):
+    if batch_split == 1:
+      return micro_batch_gradients(batch)
+    micro_batches = _split_micro_batches(batch, batch_split)
+    gradients = [tf.zeros_like(v) for v in variables]
+    loss_sum = tf.constant(0.0)
+    num_tokens = tf.constant(0.0)
+    # A while loop (not a Python loop) so micro-batches run one at a time.
+    for index in tf.range(batch_split):
+      micro_batch = tf.nest.map_structure(lambda t: t[index], micro_batches)  # pylint: disable=cell-var-from-loop
+      micro_gradients, micro_loss, micro_tokens = micro_batch_gradients(
+          micro_batch)
+      gradients = [a + g for a, g in zip(gradients, micro_gradients)]
+      loss_sum += micro_loss
+      num_tokens += micro_tokens
+    return gradients, loss_sum, num_tokens
+
+  return replica_gradients
 
 
 # ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import tqdm
 import context_draw
 import gpt2_weights
 import kilt_files
+import live_retrieval
 import modeling_tf_gpt2_model_par as modeling
 import neighbour_cache
 import run_dir as run_directory
@@ -45,7 +46,10 @@ class TrainConfig:
   approach_type: str = setting(
       "cached_pretok",
       "naked_lm: no contexts; cached_pretok: contexts sampled from the cached "
-      "neighbours; random_context: the neighbours of another question.",
+      "neighbours; random_context: the neighbours of another question; "
+      "live_retrieval: sampled as cached_pretok from neighbours retrieved as "
+      "training runs (--retrieval_server, or --retriever_config_path in this "
+      "process), the cache giving the questions.",
       choices=context_draw.APPROACHES)
   model_key: typing.Optional[str] = setting(
       None,
@@ -147,13 +151,15 @@ class TrainConfig:
       "Model parallelism: place GPT-2's blocks over these devices (one "
       "replica; --distribute_mode=OneDeviceStrategy).")
   experimental_compile: bool = setting(
-      False, "Compile the train step with XLA.")
+      False, "Compile each replica's train and eval computation with XLA "
+      "(the all-reduce and the update stay outside).")
   bf16: bool = setting(
       False, "Compute in bfloat16 (weights and loss stay float32).")
   recompute: bool = setting(
       False,
       "Recompute each block in the backward pass: activation memory of one "
       "block instead of all (README: memory plan), about 1/3 more compute.")
+  retrieval: live_retrieval.RetrievalConfig = live_retrieval.RetrievalConfig()
   strategy: tf_utils.StrategyConfig = tf_utils.StrategyConfig()
 
   @property
@@ -192,7 +198,11 @@ _FREE_ON_RESUME = frozenset({
     "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
     "batch_split", "model_devices",
     "experimental_compile", "recompute", "distribute_mode", "devices", "tpu",
-    "num_cpu_devices", "cluster_timeout_seconds"})
+    "num_cpu_devices", "cluster_timeout_seconds",
+    # Where the neighbours are retrieved, not which: the index version
+    # recorded in config.json is checked instead.
+    "retrieval_server", "retriever_config_path", "scann_index_dir",
+    "block_token_store", "retrieval_batch_size", "retrieval_timeout_seconds"})
 # Where training stops: free too, unless the schedule decays to 0 there.
 _STOP_SETTINGS = frozenset({"max_steps", "max_epochs"})
 # What to do with the run, not how it is made: neither compared nor recorded.
@@ -227,6 +237,11 @@ def check_config(config):
     value = getattr(config, name)
     if not (math.isfinite(value) and value > 0):
       raise utils.UserError(f"--{name}={value}: expected a number > 0")
+  if config.experimental_compile and config.model_devices:
+    raise utils.UserError(
+        "--experimental_compile with --model_devices: XLA compiles a "
+        "replica's step for one device, --model_devices spreads it over "
+        "several; drop one")
   utils.check_output_path(config.output_dir, "--output_dir", directory=True)
   if config.output_dir and config.run_name:
     utils.check_output_path(config.run_dir, "--run_name", directory=True)
@@ -310,6 +325,16 @@ class Setup:
             self.tokenizer))
     self.layout = task_specific.make_layout(self.tokenizer, config.layout,
                                             model_config.n_positions)
+    self.retrieval = None
+    approach = (run_config["flags"].get("approach_type") if run_config
+                else config.approach_type)
+    if approach == context_draw.Approach.LIVE_RETRIEVAL:
+      self.retrieval = live_retrieval.open_retrieval(config.retrieval,
+                                                     self.tokenizer)
+      if run_config is not None:
+        live_retrieval.check_recorded(
+            self.retrieval, run_config.get("retrieval"),
+            run_directory.path(self.run_dir, run_directory.CONFIG_NAME))
     self.num_replicas = self.strategy.num_replicas_in_sync
     self.num_workers, self.worker_index, self.is_chief = _workers(
         self.strategy)
@@ -317,8 +342,19 @@ class Setup:
     self.eval_pipelines = 1
 
   def data_config(self, approach, temperature):
+    """A pipeline's `DataConfig`: in a live_retrieval run, every approach
+    but naked_lm draws from live neighbours (live_retrieval as cached_pretok
+    does)."""
+    approach = context_draw.Approach(approach)
+    live = self.retrieval is not None and (
+        approach != context_draw.Approach.NAKED_LM)
+    if approach == context_draw.Approach.LIVE_RETRIEVAL:
+      approach = context_draw.Approach.CACHED_PRETOK
     config = task_specific.DataConfig(
-        approach=context_draw.Approach(approach),
+        approach=approach,
+        live_num_neighbours=(self.config.retrieval.live_num_neighbours
+                             if live else 0),
+        live_batch_size=self.config.retrieval.retrieval_batch_size,
         num_retrievals=self.config.num_retrievals,
         retrieval_temperature=temperature,
         retrieval_bank_size=self.config.retrieval_bank_size,
@@ -326,6 +362,13 @@ class Setup:
         shuffle_buffer_size=self.config.shuffle_buffer_size)
     task_specific.check_data_config(config, self.manifest, self.cache_dir)
     return config
+
+  @property
+  def neighbours_per_question(self):
+    """Neighbours a question's contexts are drawn from: retrieved, or cached."""
+    if self.retrieval is not None:
+      return self.config.retrieval.live_num_neighbours
+    return self.manifest["num_neighbours"]
 
   def files(self, split):
     neighbour_cache.check_manifest(self.manifest, self.cache_dir, split=split)
@@ -344,11 +387,16 @@ class Setup:
     """
     model_config = self.model.config.to_dict()
     current = settings.flatten(self.config)
+    retrieval = ({"retrieval": live_retrieval.recorded(self.retrieval)}
+                 if self.retrieval else {})
     if not run_directory.exists(self.run_dir):
       return {"flags": current, "model_config": model_config,
-              "tokenizer": run_directory.TOKENIZER_DIR}, {}
+              "tokenizer": run_directory.TOKENIZER_DIR, **retrieval}, {}
     stored = run_directory.read_config(self.run_dir)
     config_path = run_directory.path(self.run_dir, run_directory.CONFIG_NAME)
+    if self.retrieval:
+      live_retrieval.check_recorded(self.retrieval, stored.get("retrieval"),
+                                    config_path)
     differences = run_directory.model_shape_differences(stored, model_config)
     if differences:
       raise utils.UserError(
@@ -403,7 +451,8 @@ class Setup:
       if examples_fn is None:
         dataset = task_specific.make_dataset(
             files, data_config, layout, batch_size=per_replica,
-            training=False, batches_multiple=replicas_here)
+            training=False, batches_multiple=replicas_here,
+            retrieval=self.retrieval)
       else:
         dataset = task_specific.batch_examples(
             examples_fn(), data_config, layout, batch_size=per_replica,
@@ -479,13 +528,16 @@ def perplexity(loss):
 
 
 def make_eval_step(setup):
-  """distributed batch -> (answer loss sum, answer tokens) over all replicas."""
+  """distributed batch -> (answer loss sum, answer tokens) over all replicas;
+  each replica's forward pass compiled with XLA under --experimental_compile."""
+  replica_loss = tf_utils.compile_replica_fn(
+      lambda batch: task_specific.answer_loss_sum(
+          setup.model, batch, setup.layout.max_labels),
+      setup.config.experimental_compile)
 
   @tf.function
   def eval_step(batch):
-    per_replica = setup.strategy.run(
-        lambda b: task_specific.answer_loss_sum(
-            setup.model, b, setup.layout.max_labels), args=(batch,))
+    per_replica = setup.strategy.run(replica_loss, args=(batch,))
     return [setup.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
             for value in per_replica]
 
@@ -721,59 +773,62 @@ def _train(setup):
   window_start, window_tokens = time.time(), 0.0
   progress = tqdm.tqdm(total=max_steps, initial=int(step), desc="train",
                        disable=not setup.is_chief)
-  while int(step) < max_steps:
-    batch = next_batch()
-    try:
-      outputs = train_step(batch)
-      loss = float(outputs["loss"])
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as e:
-      if setup.num_workers == 1:
-        raise
-      raise _peer_failure(e, int(step) + 1) from None
-    grad_norm = float(outputs["grad_norm"])
-    last_good = (manager.latest_checkpoint or
-                 "none (no checkpoint was written)")
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-      raise utils.UserError(
-          f"step {int(step) + 1}: the loss is {loss} (gradient norm "
-          f"{grad_norm}); stopping. The last good checkpoint is {last_good}")
-    step.assign_add(1)
-    progress.update(1)
-    current = int(step)
-    window_tokens += float(outputs["num_tokens"])
-    if current % setup.config.log_every_steps == 0 or current == max_steps:
-      elapsed = max(time.time() - window_start, 1e-9)
-      record = {"step": current, "loss": loss, "answer_ppl": perplexity(loss),
-                "grad_norm": grad_norm,
-                "learning_rate": float(schedule(current - 1)),
-                "tokens_per_second": window_tokens / elapsed}
-      _write_scalars(writers["train"], record, current)
-      metrics.write(record)
-      window_start, window_tokens = time.time(), 0.0
-    if (setup.config.batches_between_evals and
-        current % setup.config.batches_between_evals == 0):
-      with neighbour_cache.reading_shards(
-          setup.cache_dir, setup.files(setup.config.eval_split),
-          setup.config.eval_split):
-        result = evaluate(setup.eval_dataset(
-            eval_config, setup.config.eval_split,
-            setup.config.number_eval_batches), "eval")
-      _write_scalars(writers["eval"], result, current)
-      metrics.write({"step": current,
-                     **{f"eval_{k}": v for k, v in result.items()}})
-    minutes = (time.time() - last_save_time) / 60
-    if (current % setup.config.checkpoint_every_steps == 0 or
-        current == max_steps or
-        (setup.num_workers == 1 and
-         minutes >= setup.config.checkpoint_every_minutes)):
-      problem = _check_state(non_finite_variables, eval_step, batch)
-      if problem:
+  try:
+    while int(step) < max_steps:
+      batch = next_batch()
+      try:
+        outputs = train_step(batch)
+        loss = float(outputs["loss"])
+      except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as e:
+        if setup.num_workers == 1:
+          raise
+        raise _peer_failure(e, int(step) + 1) from None
+      grad_norm = float(outputs["grad_norm"])
+      last_good = (manager.latest_checkpoint or
+                   "none (no checkpoint was written)")
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise utils.UserError(
-            f"step {current}: {problem}; stopping without saving. The last "
-            f"good checkpoint is {last_good}")
-      manager.save(checkpoint_number=current)
-      last_save_time = time.time()
-  progress.close()
+            f"step {int(step) + 1}: the loss is {loss} (gradient norm "
+            f"{grad_norm}); stopping. The last good checkpoint is {last_good}")
+      step.assign_add(1)
+      progress.update(1)
+      current = int(step)
+      window_tokens += float(outputs["num_tokens"])
+      if current % setup.config.log_every_steps == 0 or current == max_steps:
+        elapsed = max(time.time() - window_start, 1e-9)
+        record = {"step": current, "loss": loss, "answer_ppl": perplexity(loss),
+                  "grad_norm": grad_norm,
+                  "learning_rate": float(schedule(current - 1)),
+                  "tokens_per_second": window_tokens / elapsed}
+        _write_scalars(writers["train"], record, current)
+        metrics.write(record)
+        window_start, window_tokens = time.time(), 0.0
+      if (setup.config.batches_between_evals and
+          current % setup.config.batches_between_evals == 0):
+        with neighbour_cache.reading_shards(
+            setup.cache_dir, setup.files(setup.config.eval_split),
+            setup.config.eval_split):
+          result = evaluate(setup.eval_dataset(
+              eval_config, setup.config.eval_split,
+              setup.config.number_eval_batches), "eval")
+        _write_scalars(writers["eval"], result, current)
+        metrics.write({"step": current,
+                       **{f"eval_{k}": v for k, v in result.items()}})
+      minutes = (time.time() - last_save_time) / 60
+      if (current % setup.config.checkpoint_every_steps == 0 or
+          current == max_steps or
+          (setup.num_workers == 1 and
+           minutes >= setup.config.checkpoint_every_minutes)):
+        problem = _check_state(non_finite_variables, eval_step, batch)
+        if problem:
+          raise utils.UserError(
+              f"step {current}: {problem}; stopping without saving. The last "
+              f"good checkpoint is {last_good}")
+        _save_checkpoint(setup, manager, current)
+        last_save_time = time.time()
+  finally:
+    # Before an error is reported: the error's line comes after the bar's.
+    progress.close()
   if setup.is_chief:
     run_directory.save_final_model(setup.run_dir, model, setup.tokenizer)
     # Written last: scripts (the demo) take it to mean "training finished".
@@ -782,6 +837,26 @@ def _train(setup):
         "checkpoint": manager.latest_checkpoint})
   for writer in writers.values():
     writer.flush()
+
+
+def _save_checkpoint(setup, manager, step):
+  """Saves a checkpoint, unless live retrieval has failed.
+
+  The input pipeline's buffers, which a checkpoint holds, may then hold the
+  failed elements, and a run resumed from it would meet the failure again: a
+  checkpoint taken while retrieval failed is deleted, and the failure raised.
+  """
+  retrieval = setup.retrieval
+  if retrieval is not None and retrieval.failure is not None:
+    raise retrieval.failure
+  path = manager.save(checkpoint_number=step)
+  if retrieval is not None and retrieval.failure is not None:
+    for name in tf.io.gfile.glob(f"{path}.*"):
+      tf.io.gfile.remove(name)
+    if not tf.io.gfile.glob(os.path.join(manager.directory, "ckpt-*.index")):
+      # It was the first: the run starts again from step 0.
+      tf.io.gfile.remove(os.path.join(manager.directory, "checkpoint"))
+    raise retrieval.failure
 
 
 def _train_input(setup, files, data_config):
@@ -801,7 +876,7 @@ def _train_input(setup, files, data_config):
       num_replicas_in_sync=setup.num_replicas)
   iterator = iter(task_specific.make_dataset(
       files, data_config, setup.layout, batch_size=per_replica * local_replicas,
-      training=True, input_context=input_context))
+      training=True, input_context=input_context, retrieval=setup.retrieval))
   first_replica = setup.worker_index * local_replicas
 
   def next_batch():
@@ -842,7 +917,7 @@ def _log_samples(setup, files, data_config, writer):
     return
   batch = next(iter(task_specific.make_dataset(
       files, data_config, setup.layout, batch_size=setup.config.log_samples,
-      training=True)))
+      training=True, retrieval=setup.retrieval)))
   texts = []
   for index in range(setup.config.log_samples):
     row = {name: value[index].numpy() for name, value in batch.items()}

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -56,6 +57,13 @@ def guarded(main, takes_arguments=False):
       return main(argv)
     except UserError as error:
       _exit_with(str(error))
+    except tf.errors.OpError as error:
+      # A UserError raised in Python called from a graph (tf.data's
+      # py_function) reaches here as an op error around its traceback.
+      reported = _raised_in_graph.get("last")
+      if reported is None or str(reported) not in str(error):
+        raise
+      _exit_with(str(reported))
     except OSError as error:
       # A full disk or a location that turned read-only mid-run: the
       # environment, not a bug; what was written so far is still whole
@@ -66,6 +74,26 @@ def guarded(main, takes_arguments=False):
                  "room to write there (free space, then rerun to resume)")
 
   return guarded_main
+
+
+# The last UserError raised inside a graph's Python call (tf.data runs them
+# on its own threads).
+_raised_in_graph = {}
+
+
+def reporting_user_errors(function):
+  """`function` for `tf.py_function`, its UserErrors reported by `guarded`
+  as one line when TensorFlow re-raises them as op errors."""
+
+  @functools.wraps(function)
+  def reporting(*args):
+    try:
+      return function(*args)
+    except UserError as error:
+      _raised_in_graph["last"] = error
+      raise
+
+  return reporting
 
 
 def error_reason(error, limit=200):

@@ -9,81 +9,89 @@ r"""Benchmarks retrieval against the peers a user would otherwise pick.
     recall@10 against exact search and queries/s, against faiss IVF-PQ with the
     same number of partitions, the same code size (32 bytes a vector: ScaNN's
     2-dimension blocks of 4 bits, faiss' PQ32x8) and the same exact re-ranking
-    budget, its nprobe swept to the smallest value matching ScaNN's recall.
+    budget, its nprobe swept to the smallest value matching ScaNN's recall;
+    and `retrievers.ScannSearcher.search` against the raw ScaNN searcher it
+    wraps (`search_batched_parallel`, same index, queries and k): the
+    wrapper should keep >= 0.95x of its speed.
 (c) The cacher's peak memory (`query_cacher_tfrecord.py` in a subprocess,
     its peak RSS polled from /proc, Linux) on a generated corpus whose block
     text is several GB, against the budget block-embedding bytes + 1.5 GB.
 
 The database for (a) and (b) is synthetic: clustered Gaussian vectors with a
 power-law spectrum (`retrieval_eval.clustered_gaussian_vectors`), queries
-drawn from the same mixture. Default sizes (1M x 128, 3.5 GB of text) take
-about 10 minutes on 2 cores; `--quick` is a small run for development:
+drawn from the same mixture. Searches are timed --runs times, interleaved
+(min and median); the machine's load is printed before and after each part
+and a ratio measured under load is flagged "not comparable", beside the
+float32 and bfloat16 matmul peaks measured in the same process
+(`bench_common`). Default sizes (1M x 128, 3.5 GB of text) take about 10
+minutes on 2 cores; `--quick` is a small run for development:
 
   python bench/bench_retrieval.py [--quick] [--output_path=bench_retrieval.json]
 """
 
+import dataclasses
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import typing
 
-from absl import flags
 import faiss
 import numpy as np
 import tensorflow as tf
 import tqdm
 
-# Run as a script from the repository root or anywhere: the modules live one up.
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+# Run as a script from the repository root or anywhere, or imported as a
+# module (the tests do): the library lives one up, bench_common here.
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH_DIR)
+sys.path[:0] = [REPO, BENCH_DIR]
+import bench_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrieval_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrievers  # pylint: disable=g-import-not-at-top,wrong-import-position
+import settings  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FULL_NUM_QUESTIONS = 272_634 + 1_507 + 600  # KILT ELI5 train + dev + test
 FULL_NUM_BLOCKS = 13_353_718  # REALM's enwiki-20181220 blocks
 MEMORY_SLACK_BYTES = int(1.5 * 2**30)
 
-_FLAG_QUICK = flags.DEFINE_boolean(
-    "quick", False, "A small run (100k vectors, 0.2 GB of text) for "
-    "development; overrides the size flags.")
-_FLAG_NUM_BLOCKS = flags.DEFINE_integer(
-    "num_blocks", 1_000_000, "Database vectors for (a) and (b).")
-_FLAG_NUM_QUERIES = flags.DEFINE_integer(
-    "num_queries", 300, "Queries for (a) and (b).")
-_FLAG_K = flags.DEFINE_integer("k", 10, "Neighbours per query (recall@k).")
-_FLAG_RUNS = flags.DEFINE_integer(
-    "runs", 2, "Timed runs of each search (interleaved); the best is kept, "
-    "the one least disturbed by other work on a shared machine.")
-_FLAG_SCANN_CONFIG_PATH = flags.DEFINE_string(
-    "scann_config_path", os.path.join(REPO, "configs", "scann_configs",
-                                      "default.json"),
-    "ScaNN config for (b).")
-_FLAG_TEXT_GB = flags.DEFINE_float(
-    "text_gb", 3.5, "(c): gigabytes of block text in the generated blocks.tfr.")
-_FLAG_BLOCK_BYTES = flags.DEFINE_integer(
-    "block_bytes", 1500, "(c): bytes of text per block (REALM's blocks are "
-    "288 wordpieces, about 1.5 kB).")
-_FLAG_WORK_DIR = flags.DEFINE_string(
-    "work_dir", None, "(c): where to generate the corpus (default: a "
-    "temporary directory, deleted at the end).")
-_FLAG_PARTS = flags.DEFINE_list(
-    "parts", ["a", "b", "c"], "Parts to run, among a, b, c.")
-_FLAG_OUTPUT_PATH = flags.DEFINE_string(
-    "output_path", None, "Optional: write the results here as JSON.")
-_FLAG_SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.")
+setting = settings.setting
+QUICK_SIZES = dict(num_blocks=100_000, num_queries=200, text_gb=0.2,
+                   peak_size=1024)
 
 
-def best_of(runs, search, queries):
-  """(result, queries/s of the fastest of `runs` calls), after a warm-up."""
-  best_qps = 0.0
-  for _ in range(runs):
-    result, qps = retrieval_eval.timed(search, queries)
-    best_qps = max(best_qps, qps)
-  return result, best_qps
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The bench's settings (its flags)."""
+  parts: tuple = setting(("a", "b", "c"), "Parts to run, among a, b, c.")
+  quick: bool = setting(
+      False, "A small run (100k vectors, 0.2 GB of text, 1024^3 peak) for "
+      "development; overrides the size flags.")
+  num_blocks: int = setting(1_000_000, "Database vectors for (a) and (b).")
+  num_queries: int = setting(300, "Queries for (a) and (b).")
+  k: int = setting(10, "Neighbours per query (recall@k).")
+  runs: int = setting(
+      3, "Timed runs of each search, interleaved (>= 3: min and median).")
+  scann_config_path: str = setting(
+      os.path.join(REPO, "configs", "scann_configs", "default.json"),
+      "ScaNN config for (b).")
+  text_gb: float = setting(
+      3.5, "(c): gigabytes of block text in the generated blocks.tfr.")
+  block_bytes: int = setting(
+      1500, "(c): bytes of text per block (REALM's blocks are 288 "
+      "wordpieces, about 1.5 kB).")
+  work_dir: typing.Optional[str] = setting(
+      None, "(c): where to generate the corpus (default: a temporary "
+      "directory, deleted at the end).")
+  peak_size: int = setting(
+      2048, "Side of the square matmuls that measure the peak FLOP/s.")
+  output_path: typing.Optional[str] = setting(
+      None, "Optional: write the results here as JSON.")
+  seed: int = setting(0, "Seed of the synthetic data.")
 
 
 def numpy_exact_search(queries, database, k, query_chunk=128):
@@ -110,46 +118,61 @@ def hours_at_full_scale(queries_per_second, num_blocks):
 # ---------------------------------------------------------------------------
 
 
-def bench_exact(database, queries, k, runs):
+def queries_per_second(timing, num_queries):
+  """(best, median) queries/s of a timed search over `num_queries`."""
+  return num_queries / timing.min, num_queries / timing.median
+
+
+def bench_exact(database, queries, k, runs, float32_peak):
   """(a): (result dict, our exact (scores, ids), the ground truth for (b))."""
   flat = faiss.IndexFlatIP(database.shape[1])
   flat.add(database)
   searches = {
-      "ours": lambda q: retrievers.exact_search(q, database, k),
-      "faiss_flat_ip": lambda q: flat.search(q, k),
-      "numpy": lambda q: numpy_exact_search(q, database, k),
+      "ours": lambda: retrievers.exact_search(queries, database, k),
+      "faiss_flat_ip": lambda: flat.search(queries, k),
+      "numpy": lambda: numpy_exact_search(queries, database, k),
   }
-  best = {name: 0.0 for name in searches}
-  results = {}
-  for _ in range(runs):
-    for name, search in searches.items():
-      results[name], qps = retrieval_eval.timed(search, queries)
-      best[name] = max(best[name], qps)
-  exact_scores, exact_ids = results["ours"]
+  start = bench_common.snapshot()
+  timings = bench_common.interleaved(searches, runs)
+  load = bench_common.load_since(start)
+  best = {name: queries_per_second(t, len(queries))[0]
+          for name, t in timings.items()}
+  median = {name: queries_per_second(t, len(queries))[1]
+            for name, t in timings.items()}
+  exact_scores, exact_ids = timings["ours"].output
   agreement = {name: retrieval_eval.recall_at_k(
-      exact_ids, results[name][1], k, exact_scores=exact_scores,
-      approx_true_scores=retrieval_eval.true_scores(queries, database,
-                                                    results[name][1]))
+      exact_ids, timings[name].output[1], k, exact_scores=exact_scores,
+      approx_true_scores=retrieval_eval.true_scores(
+          queries, database, timings[name].output[1]))
                for name in ("faiss_flat_ip", "numpy")}
+  flops_per_query = 2 * database.shape[0] * database.shape[1]
   result = {
       "queries_per_second": best,
+      "median_queries_per_second": median,
       "ours_over_faiss": best["ours"] / best["faiss_flat_ip"],
       "ours_over_numpy": best["ours"] / best["numpy"],
       "agreement_with_ours": agreement,
+      "fraction_of_float32_peak": {
+          name: qps * flops_per_query / float32_peak
+          for name, qps in best.items()},
       "full_scale_hours": {name: hours_at_full_scale(qps, len(database))
                            for name, qps in best.items()},
+      "load": load.as_dict(),
   }
   print(f"\n(a) exact search, {len(queries):,} queries x {len(database):,} "
-        f"blocks, k={k} (best of {runs})")
-  print(f"{'':<16}{'queries/s':>12}{'ours/x':>9}{'agree':>8}"
-        f"{'full scale (h)':>16}")
+        f"blocks, k={k} ({runs} interleaved runs; queries/s of the fastest "
+        "and the median run)")
+  print(f"{'':<16}{'queries/s':>12}{'median':>10}{'agree':>8}"
+        f"{'f32 peak':>10}{'full scale (h)':>16}   ours/x")
   for name, qps in best.items():
-    ratio = best["ours"] / qps
+    ratio = bench_common.ratio_text(best["ours"] / qps, load)
     agree = agreement.get(name, 1.0)
-    print(f"{name:<16}{qps:>12,.1f}{ratio:>8.2f}x{agree:>8.4f}"
-          f"{result['full_scale_hours'][name]:>16,.1f}")
+    print(f"{name:<16}{qps:>12,.1f}{median[name]:>10,.1f}{agree:>8.4f}"
+          f"{result['fraction_of_float32_peak'][name]:>10.0%}"
+          f"{result['full_scale_hours'][name]:>16,.1f}   {ratio}")
   print(f"full scale = {FULL_NUM_QUESTIONS:,} questions x "
         f"{FULL_NUM_BLOCKS:,} blocks on this machine, time linear in blocks")
+  print(f"(a) {load.describe()}")
   return result, (exact_scores, exact_ids)
 
 
@@ -158,27 +181,10 @@ def bench_exact(database, queries, k, runs):
 # ---------------------------------------------------------------------------
 
 
-def bench_scann_vs_ivfpq(database, queries, k, runs, exact, exact_qps,
-                         scann_config):
-  """(b): ScaNN with `scann_config`, then faiss IVF-PQ swept to its recall."""
-  exact_scores, exact_ids = exact
-
-  def recall(ids):
-    return retrieval_eval.recall_at_k(
-        exact_ids, ids, k, exact_scores=exact_scores,
-        approx_true_scores=retrieval_eval.true_scores(queries, database, ids))
-
-  start = time.perf_counter()
-  searcher = retrievers.ScannSearcher.build(database, scann_config)
-  scann_build = time.perf_counter() - start
-  (_, scann_ids), scann_qps = best_of(
-      runs, lambda q: searcher.search(q, k), queries)
-  scann_recall = recall(scann_ids)
-  del searcher
-
-  # faiss with ScaNN's budget: as many partitions, 32-byte codes, and the
-  # same number of candidates re-ranked by exact inner products.
-  start = time.perf_counter()
+def build_ivfpq(database, scann_config, k):
+  """faiss with ScaNN's budget: as many partitions, 32-byte codes (PQ with
+  4 dimensions a byte, as ScaNN's 2-dimension blocks of 4 bits), and the same
+  number of candidates re-ranked by exact inner products."""
   dim = database.shape[1]
   quantizer = faiss.IndexFlatIP(dim)
   ivfpq = faiss.IndexIVFPQ(quantizer, dim, scann_config["num_leaves"],
@@ -190,6 +196,30 @@ def bench_scann_vs_ivfpq(database, queries, k, runs, exact, exact_qps,
   refined = faiss.IndexRefineFlat(ivfpq)
   refined.add(database)
   refined.k_factor = max(1, scann_config["reordering_num_neighbors"] // k)
+  return ivfpq, refined
+
+
+def bench_scann_vs_ivfpq(database, queries, k, runs, exact, exact_qps,
+                         scann_config):
+  """(b): ScaNN through `retrievers.ScannSearcher` and raw, on one index;
+  faiss IVF-PQ, its nprobe swept to ScaNN's recall; the three interleaved."""
+  exact_scores, exact_ids = exact
+
+  def recall(ids):
+    return retrieval_eval.recall_at_k(
+        exact_ids, ids, k, exact_scores=exact_scores,
+        approx_true_scores=retrieval_eval.true_scores(queries, database, ids))
+
+  start = time.perf_counter()
+  searcher = retrievers.ScannSearcher.build(database, scann_config)
+  scann_build = time.perf_counter() - start
+  # The raw pybind searcher the wrapper holds: the same index, called as
+  # ScaNN documents batched search.
+  raw = searcher._searcher  # pylint: disable=protected-access
+  scann_recall = recall(searcher.search(queries, k)[1])
+
+  start = time.perf_counter()
+  ivfpq, refined = build_ivfpq(database, scann_config, k)
   faiss_build = time.perf_counter() - start
   sweep = []
   nprobe = 1
@@ -205,34 +235,83 @@ def bench_scann_vs_ivfpq(database, queries, k, runs, exact, exact_qps,
   matched = dict(sweep[-1], reached_scann_recall=sweep[-1]["recall"] >=
                  scann_recall)
   ivfpq.nprobe = matched["nprobe"]
-  _, faiss_qps = best_of(runs, lambda q: refined.search(q, k), queries)
-  matched["queries_per_second"] = faiss_qps
+
+  # ScaNN's parallel search hands its threads batches of 256 queries (its
+  # default): 300 queries on 2 cores run as 256 + 44. Even batches, one per
+  # core, show what splitting the queries evenly would gain.
+  even_batch = -(-len(queries) // (os.cpu_count() or 1))
+  searches = {
+      "scann": lambda: searcher.search(queries, k),
+      "scann_raw": lambda: raw.search_batched_parallel(
+          queries, final_num_neighbors=k),
+      "scann_raw_even": lambda: raw.search_batched_parallel(
+          queries, final_num_neighbors=k, batch_size=even_batch),
+      "faiss_ivfpq": lambda: refined.search(queries, k),
+  }
+  start_load = bench_common.snapshot()
+  timings = bench_common.interleaved(searches, runs)
+  load = bench_common.load_since(start_load)
+  qps = {name: queries_per_second(t, len(queries)) for name, t in
+         timings.items()}
+  # The raw searcher returns (ids, distances); the others (scores, ids).
+  recalls = {"scann": recall(timings["scann"].output[1]),
+             "scann_raw": recall(np.asarray(timings["scann_raw"].output[0],
+                                            np.int64)),
+             "scann_raw_even": recall(np.asarray(
+                 timings["scann_raw_even"].output[0], np.int64)),
+             "faiss_ivfpq": recall(timings["faiss_ivfpq"].output[1])}
+  matched["queries_per_second"] = qps["faiss_ivfpq"][0]
+  wrapper_over_raw = qps["scann"][0] / qps["scann_raw"][0]
   result = {
-      "scann": {"recall": scann_recall, "queries_per_second": scann_qps,
+      "scann": {"recall": recalls["scann"],
+                "queries_per_second": qps["scann"][0],
+                "median_queries_per_second": qps["scann"][1],
                 "build_seconds": scann_build,
-                "speedup_over_exact": scann_qps / exact_qps},
+                "speedup_over_exact": qps["scann"][0] / exact_qps},
+      "scann_raw": {"recall": recalls["scann_raw"],
+                    "queries_per_second": qps["scann_raw"][0],
+                    "median_queries_per_second": qps["scann_raw"][1]},
+      "scann_raw_even_batches": {
+          "batch_size": even_batch, "recall": recalls["scann_raw_even"],
+          "queries_per_second": qps["scann_raw_even"][0],
+          "median_queries_per_second": qps["scann_raw_even"][1]},
+      "scann_wrapper_over_raw": wrapper_over_raw,
+      "scann_wrapper_over_raw_median": qps["scann"][1] / qps["scann_raw"][1],
       "faiss_ivfpq": {"matched": matched, "sweep": sweep,
+                      "median_queries_per_second": qps["faiss_ivfpq"][1],
                       "build_seconds": faiss_build},
-      "scann_over_faiss": scann_qps / faiss_qps,
+      "scann_over_faiss": qps["scann"][0] / qps["faiss_ivfpq"][0],
       "config": scann_config,
+      "load": load.as_dict(),
   }
   print(f"\n(b) approximate search, recall@{k} against exact, "
         f"{len(queries):,} queries x {len(database):,} blocks; ScaNN config "
-        f"{scann_config}")
-  print(f"{'':<28}{f'recall@{k}':>10}{'queries/s':>12}{'vs exact':>10}"
-        f"{'build (s)':>11}")
-  print(f"{'exact (ours)':<28}{1.0:>10.4f}{exact_qps:>12,.1f}{1.0:>9.1f}x"
-        f"{'':>11}")
-  print(f"{'scann':<28}{scann_recall:>10.4f}{scann_qps:>12,.1f}"
-        f"{scann_qps / exact_qps:>9.1f}x{scann_build:>11.1f}")
-  name = f"faiss IVF-PQ nprobe={matched['nprobe']}"
-  print(f"{name:<28}{matched['recall']:>10.4f}{faiss_qps:>12,.1f}"
-        f"{faiss_qps / exact_qps:>9.1f}x{faiss_build:>11.1f}")
+        f"{scann_config}; {runs} interleaved runs")
+  print(f"{'':<36}{f'recall@{k}':>10}{'queries/s':>12}{'median':>10}"
+        f"{'vs exact':>10}{'build (s)':>11}")
+  print(f"{'exact (ours)':<36}{1.0:>10.4f}{exact_qps:>12,.1f}{'':>10}"
+        f"{1.0:>9.1f}x{'':>11}")
+  rows = (("scann (retrievers.ScannSearcher)", "scann", f"{scann_build:.1f}"),
+          ("scann raw search_batched_parallel", "scann_raw", "same index"),
+          (f"  same, batch_size={even_batch} (1/core)", "scann_raw_even",
+           "same index"),
+          (f"faiss IVF-PQ nprobe={matched['nprobe']}", "faiss_ivfpq",
+           f"{faiss_build:.1f}"))
+  for label, name, build in rows:
+    print(f"{label:<36}{recalls[name]:>10.4f}{qps[name][0]:>12,.1f}"
+          f"{qps[name][1]:>10,.1f}{qps[name][0] / exact_qps:>9.1f}x"
+          f"{build:>11}")
+  median_ratio = result["scann_wrapper_over_raw_median"]
+  print(f"ScaNN wrapper / raw ScaNN, same index, queries and k: "
+        f"{bench_common.ratio_text(wrapper_over_raw, load)} (fastest runs), "
+        f"{bench_common.ratio_text(median_ratio, load)} (median); target "
+        ">= 0.95x")
   if matched["reached_scann_recall"]:
     print(f"ScaNN / faiss IVF-PQ at matched recall: "
-          f"{result['scann_over_faiss']:.2f}x")
+          f"{bench_common.ratio_text(result['scann_over_faiss'], load)}")
   else:
     print("faiss IVF-PQ did not reach ScaNN's recall at any nprobe")
+  print(f"(b) {load.describe()}")
   return result
 
 
@@ -349,46 +428,68 @@ def bench_cacher_memory(work_dir, text_gb, block_bytes, seed):
   return result
 
 
-def main(argv):
-  parts = _FLAG_PARTS.value
+def run(config):
+  """Runs the bench's parts; returns the results (also --output_path's)."""
+  parts = config.parts
   if not parts or set(parts) - {"a", "b", "c"}:
     raise utils.UserError(f"--parts={','.join(parts)}: expected some of a,b,c")
-  if _FLAG_QUICK.value:
-    num_blocks, num_queries, text_gb = 100_000, 200, 0.2
-  else:
-    num_blocks, num_queries, text_gb = (_FLAG_NUM_BLOCKS.value,
-                                        _FLAG_NUM_QUERIES.value,
-                                        _FLAG_TEXT_GB.value)
-  k, runs = _FLAG_K.value, _FLAG_RUNS.value
-  scann_config = retrievers.load_scann_config(_FLAG_SCANN_CONFIG_PATH.value)
-  if _FLAG_OUTPUT_PATH.value:
-    utils.makedirs(os.path.dirname(_FLAG_OUTPUT_PATH.value) or ".")
-  print(f"{os.cpu_count()} CPU cores; database: clustered Gaussian vectors "
-        f"{num_blocks:,} x 128, {num_queries:,} queries", flush=True)
-  results = {"num_blocks": num_blocks, "num_queries": num_queries, "k": k}
-  started = time.perf_counter()
+  bench_common.check_repeats(config.runs, "runs")
+  if config.quick:
+    config = dataclasses.replace(config, **QUICK_SIZES)
+  for name in ("num_blocks", "num_queries", "k", "block_bytes", "peak_size"):
+    if getattr(config, name) < 1:
+      raise utils.UserError(
+          f"--{name}={getattr(config, name)}: expected >= 1")
+  k = config.k
+  scann_config = retrievers.load_scann_config(config.scann_config_path)
+  if config.output_path:
+    utils.check_output_path(config.output_path, "--output_path")
+  started = bench_common.snapshot()
+  print(f"{os.cpu_count()} CPU cores; load (1-min) before: "
+        f"{started.load_1min:.2f}; database: clustered Gaussian vectors "
+        f"{config.num_blocks:,} x 128, {config.num_queries:,} queries",
+        flush=True)
+  # Exact search computes in float32; the bfloat16 peak shows what a
+  # bfloat16 scoring pass could reach.
+  peaks = bench_common.matmul_peaks(config.peak_size)
+  print(bench_common.peaks_text(peaks, config.peak_size), flush=True)
+  results = {"num_blocks": config.num_blocks,
+             "num_queries": config.num_queries, "k": k,
+             "matmul_peaks": peaks}
   if "a" in parts or "b" in parts:
     database, queries = retrieval_eval.synthetic_database_and_queries(
-        num_blocks, num_queries, 128, _FLAG_SEED.value)
-    results["exact"], exact = bench_exact(database, queries, k, runs)
+        config.num_blocks, config.num_queries, 128, config.seed)
+    results["exact"], exact = bench_exact(
+        database, queries, k, config.runs,
+        bench_common.best_peak(peaks, "float32"))
     if "b" in parts:
       results["approximate"] = bench_scann_vs_ivfpq(
-          database, queries, k, runs, exact,
+          database, queries, k, config.runs, exact,
           results["exact"]["queries_per_second"]["ours"], scann_config)
     del database, queries
   if "c" in parts:
-    work_dir = (_FLAG_WORK_DIR.value or
-                tempfile.mkdtemp(prefix="bench_retrieval_"))
+    work_dir = config.work_dir or tempfile.mkdtemp(prefix="bench_retrieval_")
     try:
       results["cacher_memory"] = bench_cacher_memory(
-          work_dir, text_gb, _FLAG_BLOCK_BYTES.value, _FLAG_SEED.value)
+          work_dir, config.text_gb, config.block_bytes, config.seed)
     finally:
-      if not _FLAG_WORK_DIR.value:
+      if not config.work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
-  results["seconds"] = time.perf_counter() - started
-  print(f"\nbench took {results['seconds']:.0f} s")
-  if _FLAG_OUTPUT_PATH.value:
-    utils.atomic_write_json(_FLAG_OUTPUT_PATH.value, results)
+  load = bench_common.load_since(started)
+  results["load"] = load.as_dict()
+  results["seconds"] = time.perf_counter() - started.wall_seconds
+  print(f"\nwhole bench: {load.describe()}; took {results['seconds']:.0f} s")
+  if config.output_path:
+    bench_common.write_results(config.output_path, results)
+  return results
+
+
+_FLAGS = cli.define_flags(Config)
+
+
+def main(argv):
+  del argv
+  run(_FLAGS.config())
 
 
 if __name__ == "__main__":

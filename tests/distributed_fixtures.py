@@ -1,7 +1,12 @@
-"""A small Keras regression model, a fixed global batch and free local ports,
-shared by the distribution tests and the multi-worker worker processes."""
+"""A small Keras regression model, a fixed global batch, free local ports and
+a one-step multi-worker run, shared by the distribution tests and the
+multi-worker worker processes."""
 
+import json
+import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -9,6 +14,8 @@ import tf_keras
 
 import tf_utils
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
 GLOBAL_BATCH = 8
 FEATURES = 5
 LEARNING_RATE = 0.05
@@ -36,8 +43,9 @@ def build_model():
   return model
 
 
-def train_one_step(strategy, batch_split=1):
-  """Builds the model under `strategy`, runs one step, returns the weights."""
+def train_one_step(strategy, batch_split=1, jit_compile=False):
+  """Builds the model under `strategy`, runs one step, returns the weights
+  and the loss; `jit_compile`: the step compiled with XLA."""
   with strategy.scope():
     model = build_model()
     optimizer = tf_utils.make_optimizer("adam", LEARNING_RATE)
@@ -61,7 +69,7 @@ def train_one_step(strategy, batch_split=1):
   dataset = strategy.distribute_datasets_from_function(worker_slice)
   train_step = tf_utils.make_train_step(
       strategy, loss_fn, model.trainable_variables, optimizer,
-      batch_split=batch_split, clip_norm=10.0)
+      batch_split=batch_split, clip_norm=10.0, jit_compile=jit_compile)
   metrics = train_step(next(iter(dataset)))
   return [w for w in model.get_weights()], float(metrics["loss"])
 
@@ -75,3 +83,27 @@ def free_ports(count):
   for s in sockets:
     s.close()
   return ports
+
+
+def multi_worker_weights(output_dir, num_workers=2, jit_compile=False):
+  """Runs `train_one_step` under MultiWorkerMirroredStrategy in `num_workers`
+  local processes (multiworker_train_step.py); the chief's weights and loss."""
+  workers = [f"127.0.0.1:{port}" for port in free_ports(num_workers)]
+  output = os.path.join(output_dir, "chief_weights.npz")
+  command = [sys.executable, os.path.join(TESTS, "multiworker_train_step.py"),
+             output] + (["--jit_compile"] if jit_compile else [])
+  processes = []
+  for index in range(num_workers):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]),
+               TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+                   {"cluster": {"worker": workers},
+                    "task": {"type": "worker", "index": index}}))
+    processes.append(subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
+  logs = [p.communicate(timeout=240)[0] for p in processes]
+  for process, log in zip(processes, logs):
+    assert process.returncode == 0, log[-3000:]
+  saved = np.load(output)
+  weights = [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)]
+  return weights, float(saved["loss"])

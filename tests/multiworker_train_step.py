@@ -1,7 +1,9 @@
-"""One worker of the multi-worker test: `python multiworker_train_step.py OUT.npz`.
+"""One worker of the multi-worker tests:
+`python multiworker_train_step.py OUT.npz [--jit_compile]`.
 
 TF_CONFIG (set by the test) describes the cluster; the chief writes the
-weights after one train step to OUT.npz.
+weights after one train step (compiled with XLA under --jit_compile) to
+OUT.npz.
 """
 
 import json
@@ -16,8 +18,10 @@ import distributed_fixtures
 
 def main():
   output_path = sys.argv[1]
+  jit_compile = sys.argv[2:] == ["--jit_compile"]
   strategy = tf.distribute.MultiWorkerMirroredStrategy()
-  weights, loss = distributed_fixtures.train_one_step(strategy)
+  weights, loss = distributed_fixtures.train_one_step(
+      strategy, jit_compile=jit_compile)
   task = json.loads(os.environ["TF_CONFIG"])["task"]
   if task["index"] == 0:
     np.savez(output_path, loss=loss, *weights)

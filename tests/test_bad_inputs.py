@@ -700,10 +700,11 @@ def _cacher(name, expected, **overrides):
 for _name in ("retriever_config_path", "dataset_root", "output_dir"):
   _cacher(f"cacher_missing_{_name}", [f"--{_name} is required"],
           **{_name: ""})
-for _name in ("num_neighbours", "batch_size", "num_shards",
-              "max_block_tokens"):
+for _name in ("batch_size", "num_shards", "max_block_tokens"):
   _cacher(f"cacher_{_name}_0", [f"--{_name}=0: must be at least 1"],
           **{_name: 0})
+_cacher("cacher_num_neighbours_negative", ["--num_neighbours=-1: must be >= 0"],
+        num_neighbours=-1)
 _cacher("cacher_block_token_cache_size", ["--block_token_cache_size=-1"],
         block_token_cache_size=-1)
 _cacher("cacher_unknown_split", ["--splits=validation,dev: expected some of "

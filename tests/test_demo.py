@@ -3,9 +3,11 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -147,6 +149,52 @@ def test_fact_accuracy_counts_each_of_the_three_facts():
   predictions = {"a": "by Ann Bo, in 1500, city of Zz.",
                  "b": "in 1601, by Dee Ea."}
   assert demo_layout.fact_accuracy(gold, predictions) == 3 / 6
+
+
+@pytest.mark.slow
+def test_the_retrieval_generation_can_retrieve_live(demo, tmp_path):
+  """--live_retrieval: the retrieval run's generation retrieves its contexts
+  (exact search over the world's blocks) and says so in the report; exact
+  live retrieval gives the cache's neighbours, so the same answers."""
+  cached_dir, _ = demo
+  output_dir = tmp_path / "demo"
+  shutil.copytree(cached_dir, output_dir)
+  generation = os.path.dirname(demo_layout.generation_path(
+      str(output_dir), demo_layout.GRID_RUN))
+  shutil.rmtree(generation)
+  result = _run_script(output_dir, *TINY, "--live_retrieval")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert re.search(rf"generate {demo_layout.GRID_RUN}: running", result.stdout)
+  with open(os.path.join(output_dir, "report.md"), encoding="utf-8") as f:
+    report = f.read()
+  assert "generation: live retrieval (exact search over" in report
+  with open(os.path.join(cached_dir, "report.md"), encoding="utf-8") as f:
+    assert "generation: the neighbour cache" in f.read()
+  cached, live = (
+      _outputs(demo_layout.generation_path(str(directory),
+                                           demo_layout.GRID_RUN))
+      for directory in (cached_dir, output_dir))
+  # The same answers from the same blocks; the scores within float32's
+  # rounding (the embedder saw the questions in other batches).
+  assert _without_scores(live) == _without_scores(cached)
+  np.testing.assert_allclose(_scores(live), _scores(cached), rtol=1e-5)
+
+
+def _outputs(generations_path):
+  with open(generations_path, encoding="utf-8") as f:
+    return [json.loads(line)["output"] for line in f]
+
+
+def _without_scores(outputs):
+  return [[{**output, "provenance": [
+      {name: value for name, value in entry.items() if name != "score"}
+      for entry in output["provenance"]]} for output in outputs_of_question]
+          for outputs_of_question in outputs]
+
+
+def _scores(outputs):
+  return [entry["score"] for outputs_of_question in outputs
+          for output in outputs_of_question for entry in output["provenance"]]
 
 
 @pytest.mark.slow

@@ -27,10 +27,14 @@ import transformers
 import cache_fixtures
 import caching
 from conftest import LOGICAL_CPUS
+import context_draw
 import kilt_files
 import neighbour_cache
 import retrieval_fixtures
+import retrievers
 import settings
+import task_specific
+import token_store
 from util_scripts import demo_world
 import utils
 
@@ -308,7 +312,7 @@ def test_bad_kilt_file_is_refused_before_anything_is_written(
     ({"retriever_config_path": None}, "--retriever_config_path is required"),
     ({"dataset_root": ""}, "--dataset_root is required"),
     ({"output_dir": None}, "--output_dir is required"),
-    ({"num_neighbours": 0}, "--num_neighbours=0: must be at least 1"),
+    ({"num_neighbours": -1}, "--num_neighbours=-1: must be >= 0"),
     ({"num_shards": 0}, "--num_shards=0: must be at least 1"),
     ({"block_token_cache_size": -1},
      "--block_token_cache_size=-1: must be >= 0"),
@@ -499,3 +503,139 @@ def test_realm_tf1_hub_export_and_real_kilt_lines_are_cached(tmp_path,
       assert record["neighbours"] == [
           tokenizer(f" {titles[i]}: {texts[i]}")["input_ids"][:16]
           for i in record["neighbour_block_ids"]]
+
+
+# ---------------------------------------------------------------------------
+# The pre-tokenised block store (token_store) and question-only caches
+# ---------------------------------------------------------------------------
+
+
+def _block_token_store(world, output_dir, **values):
+  return token_store.pretokenize(token_store.PretokenizeConfig(
+      retriever_config_path=world["paths"]["retriever_config"],
+      output_dir=output_dir, tokenizer=world["paths"]["tokenizer"], **values))
+
+
+class _NoTokenizing:
+  """Stands in for `token_store.BlockTokenCache`: fails if a block is
+  tokenized, so a test knows the store gave the ids."""
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def token_ids(self, block_ids):
+    raise AssertionError(f"blocks {list(block_ids)[:3]}... were tokenized")
+
+
+def test_a_cache_made_with_a_block_token_store_is_the_same_bytes(
+    world, cache_dir, tmp_path, monkeypatch):
+  store_dir = str(tmp_path / "block_tokens")
+  _block_token_store(world, store_dir)  # Whole blocks serve any cut.
+  monkeypatch.setattr(token_store, "BlockTokenCache", _NoTokenizing)
+  output_dir = str(tmp_path / "cache")
+  manifest = cache(world, output_dir, block_token_store=store_dir)
+  assert manifest == neighbour_cache.read_manifest(cache_dir)
+  assert directory_contents(output_dir) == directory_contents(cache_dir)
+
+
+def test_a_titled_block_token_store_gives_the_titled_cache(world, tmp_path):
+  store_dir = str(tmp_path / "block_tokens")
+  _block_token_store(world, store_dir, context_with_title=True,
+                     max_block_tokens=MAX_BLOCK_TOKENS + 10)
+  with_store, without = str(tmp_path / "with"), str(tmp_path / "without")
+  cache(world, with_store, splits=["validation"], context_with_title=True,
+        block_token_store=store_dir)
+  cache(world, without, splits=["validation"], context_with_title=True)
+  assert directory_contents(with_store) == directory_contents(without)
+
+
+def test_a_block_token_store_that_does_not_fit_is_refused_at_once(
+    world, tmp_path, monkeypatch):
+  store_dir = str(tmp_path / "block_tokens")
+  _block_token_store(world, store_dir, max_block_tokens=MAX_BLOCK_TOKENS - 1)
+  monkeypatch.setattr(retrievers, "LiveRetriever", _NoRetriever)
+  output_dir = str(tmp_path / "cache")
+  with pytest.raises(utils.UserError) as error:
+    cache(world, output_dir, block_token_store=store_dir)
+  assert str(error.value).startswith(
+      f"{store_dir}: holds the first {MAX_BLOCK_TOKENS - 1} GPT-2 ids")
+  with pytest.raises(utils.UserError, match="holds blocks tokenized without "
+                     "titles"):
+    cache(world, output_dir, block_token_store=store_dir,
+          max_block_tokens=MAX_BLOCK_TOKENS - 1, context_with_title=True)
+  assert not os.path.exists(output_dir)
+
+
+class _NoRetriever:
+  """Stands in for `retrievers.LiveRetriever`: fails if one is loaded."""
+
+  def __init__(self, *args, **kwargs):
+    raise AssertionError("a retriever was loaded")
+
+
+@pytest.fixture(name="question_cache_dir", scope="module")
+def fixture_question_cache_dir(world, tmp_path_factory):
+  """A question-only cache, made without a retriever config."""
+  output_dir = str(tmp_path_factory.mktemp("questions"))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(retrievers, "LiveRetriever", _NoRetriever)
+    cache(world, output_dir, num_neighbours=0, retriever_config_path=None)
+  return output_dir
+
+
+def test_a_question_only_cache_holds_questions_and_answers_only(
+    world, cache_dir, question_cache_dir, capsys):
+  manifest = neighbour_cache.read_manifest(question_cache_dir)
+  full = neighbour_cache.read_manifest(cache_dir)
+  assert manifest["search"] == {"kind": "none"}
+  assert manifest["num_neighbours"] == 0
+  for name in ("embedder_path", "blocks_path", "titles_path", "num_blocks"):
+    assert manifest[name] is None, name
+  assert (manifest["max_block_tokens"], manifest["max_query_length"],
+          manifest["context_with_title"]) == (0, 0, False)
+  for name in ("tokenizer", "tokenizer_fingerprint", "vocab_size", "splits"):
+    assert manifest[name] == full[name], name
+  for split in neighbour_cache.SPLITS:
+    questions, neighbours = (read_split(question_cache_dir, split),
+                             read_split(cache_dir, split))
+    for record, reference in zip(questions, neighbours, strict=True):
+      for name in ("id", "question", "question_ids", "answers"):
+        np.testing.assert_array_equal(record[name], reference[name])
+      assert record["neighbours"] == []
+      assert record["neighbour_block_ids"].shape == (0,)
+      assert record["neighbour_scores"].shape == (0,)
+  # The retrieval settings are not used, so they do not tell it apart.
+  before = directory_contents(question_cache_dir)
+  cache(world, question_cache_dir, num_neighbours=0, search="scann",
+        max_block_tokens=7, context_with_title=True)
+  assert "already complete" in capsys.readouterr().out
+  assert directory_contents(question_cache_dir) == before
+
+
+def _validation_batches(cache_dir, tokenizer, approach):
+  manifest = neighbour_cache.read_manifest(cache_dir)
+  config = task_specific.DataConfig(approach=approach, num_retrievals=2)
+  task_specific.check_data_config(config, manifest, cache_dir)
+  layout = task_specific.make_layout(tokenizer, task_specific.LayoutConfig(
+      max_question_tokens=8, max_answer_tokens=8, max_context_tokens=8), 64)
+  dataset = task_specific.make_dataset(
+      neighbour_cache.split_files(cache_dir, manifest, "validation"), config,
+      layout, batch_size=4, training=False)
+  return [{name: value.numpy() for name, value in batch.items()}
+          for batch in dataset]
+
+
+def test_naked_lm_reads_a_question_only_cache_and_cached_pretok_is_refused(
+    world, cache_dir, question_cache_dir):
+  tokenizer = task_specific.load_tokenizer(world["paths"]["tokenizer"])
+  naked = context_draw.Approach.NAKED_LM
+  for found, expected in zip(
+      _validation_batches(question_cache_dir, tokenizer, naked),
+      _validation_batches(cache_dir, tokenizer, naked), strict=True):
+    for name in expected:
+      np.testing.assert_array_equal(found[name], expected[name])
+  for approach in (context_draw.Approach.CACHED_PRETOK,
+                   context_draw.Approach.RANDOM_CONTEXT):
+    with pytest.raises(utils.UserError) as error:
+      _validation_batches(question_cache_dir, tokenizer, approach)
+    assert str(error.value).startswith(f"{question_cache_dir}: ")

@@ -17,29 +17,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 
 
-def _multi_worker_weights(tmp_path, num_workers=2):
-  """Runs one train step in `num_workers` local processes; the chief's weights."""
-  workers = [f"127.0.0.1:{port}"
-             for port in distributed_fixtures.free_ports(num_workers)]
-  output = tmp_path / "chief_weights.npz"
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]),
-             TF_CPP_MIN_LOG_LEVEL="2")
-  processes = []
-  for index in range(num_workers):
-    env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers},
-                                   "task": {"type": "worker", "index": index}})
-    processes.append(subprocess.Popen(
-        [sys.executable, os.path.join(TESTS, "multiworker_train_step.py"),
-         str(output)], env=dict(env), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True))
-  logs = [p.communicate(timeout=240)[0] for p in processes]
-  for process, log in zip(processes, logs):
-    assert process.returncode == 0, log[-3000:]
-  saved = np.load(output)
-  weights = [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)]
-  return weights, float(saved["loss"])
-
-
 @pytest.mark.multiworker
 @pytest.mark.slow
 def test_one_step_gives_identical_weights_under_every_strategy(tmp_path):
@@ -54,7 +31,8 @@ def test_one_step_gives_identical_weights_under_every_strategy(tmp_path):
           tf_utils.make_strategy("OneDeviceStrategy"), batch_split=2),
       "mirrored_4_cpus_batch_split_2": distributed_fixtures.train_one_step(
           tf_utils.make_strategy("MirroredStrategy"), batch_split=2),
-      "multi_worker_2_processes": _multi_worker_weights(tmp_path),
+      "multi_worker_2_processes": distributed_fixtures.multi_worker_weights(
+          str(tmp_path)),
   }
   # The step did something: otherwise equality would prove nothing.
   assert max(np.abs(r - i).max() for r, i in zip(reference, initial)) > 1e-2

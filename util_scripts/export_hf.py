@@ -136,12 +136,18 @@ def _data_section(cache_dir):
     return (f"Neighbour cache `{cache_dir}` (its manifest could not be read "
             f"at export time: {error}).")
   search = manifest["search"]["kind"]
-  lines = [
-      f"Neighbour cache `{cache_dir}`: KILT ELI5 questions with the "
-      f"{manifest['num_neighbours']} nearest of {manifest['num_blocks']} "
-      f"Wikipedia blocks (`{manifest['blocks_path']}`) by {search} search "
-      f"with the REALM embedder `{manifest['embedder_path']}`, blocks cut to "
-      f"{manifest['max_block_tokens']} tokens.", ""]
+  if not manifest["num_neighbours"]:
+    lines = [
+        f"Neighbour cache `{cache_dir}`: KILT ELI5 questions and answers only "
+        "(made with --num_neighbours=0; contexts, if any, were retrieved "
+        "live).", ""]
+  else:
+    lines = [
+        f"Neighbour cache `{cache_dir}`: KILT ELI5 questions with the "
+        f"{manifest['num_neighbours']} nearest of {manifest['num_blocks']} "
+        f"Wikipedia blocks (`{manifest['blocks_path']}`) by {search} search "
+        f"with the REALM embedder `{manifest['embedder_path']}`, blocks cut "
+        f"to {manifest['max_block_tokens']} tokens.", ""]
   lines.append(_markdown_table(
       ["split", "questions"],
       [(split, values["num_records"])

@@ -72,6 +72,15 @@ _FLAG_MAX_STEPS = flags.DEFINE_integer(
 _FLAG_WARMUP_STEPS = flags.DEFINE_integer(
     "warmup_steps", None, "Learning-rate warm-up steps of each run. Default: "
     "the demo train configs'.")
+_FLAG_LIVE_RETRIEVAL = flags.DEFINE_boolean(
+    "live_retrieval", False,
+    "The retrieval run's generation retrieves its contexts live (REALM's "
+    "embedder and exact search over the world's blocks, in this process or "
+    "through --retrieval_server) instead of reading the cache's neighbours.")
+_FLAG_RETRIEVAL_SERVER = flags.DEFINE_string(
+    "retrieval_server", None,
+    "With --live_retrieval: http://host:port of a retrieval_server.py "
+    "serving the world's blocks (the README's demo command starts one).")
 
 
 def _given(values):
@@ -119,13 +128,26 @@ def _cache(world, cache):
 
 
 def _generate(run_dir, output_path, title_map, gold_path,
-              approach_type=None):
+              approach_type=None, retrieval=None):
   path, values = _shipped_config("generation_configs/demo_greedy.json", {
       "run_dir": run_dir, "split": demo_layout.EVAL_SPLIT,
       "output_path": output_path, "evaluate": True,
       "kilt_title_map": title_map, "gold_path": gold_path,
-      "approach_type": approach_type})
+      "approach_type": approach_type, **(retrieval or {})})
   generation_lib.generate(generation_lib.config_from_flat(values, path))
+
+
+def _live_retrieval(world):
+  """The generation settings of live retrieval over the world's blocks, the
+  neighbours' GPT-2 ids made as the demo's cache makes them."""
+  _, cache_values = _shipped_config("query_cacher_configs/demo.json", {
+      "num_neighbours": _FLAG_NUM_NEIGHBOURS.value})
+  return {"approach_type": context_draw.Approach.LIVE_RETRIEVAL.value,
+          "retrieval_server": _FLAG_RETRIEVAL_SERVER.value,
+          "retriever_config_path": os.path.join(world, "retriever_config.json"),
+          "live_num_neighbours": cache_values["num_neighbours"],
+          "max_block_tokens": cache_values["max_block_tokens"],
+          "context_with_title": cache_values.get("context_with_title", False)}
 
 
 def _grounding(out, gold_path, train_path):
@@ -202,11 +224,13 @@ def _stages(out):
        "random_context")]
   for name, run, approach_type in generations:
     output = demo_layout.generation_path(out, name)
+    live = (_live_retrieval(world) if _FLAG_LIVE_RETRIEVAL.value and
+            name == demo_layout.GRID_RUN else None)
     stages.append(Stage(
         f"generate {name}", "generation_lib.generate",
         functools.partial(
             _generate, os.path.join(runs, run), output, paths["title_map"],
-            gold_path, approach_type),
+            gold_path, approach_type, live),
         os.path.join(os.path.dirname(output), "kilt_metrics.json")))
   stages.append(Stage(
       "grounding", "kilt_metrics.evaluate_files",
@@ -362,6 +386,22 @@ def grounding_lines(out):
       f"interval is above 0: {'yes' if above else 'no'})"]
 
 
+def contexts_source_line(out):
+  """Where the grid run's generation took its contexts from, as its
+  generation_config.json records it."""
+  record = utils.read_json(os.path.join(os.path.dirname(
+      demo_layout.generation_path(out, demo_layout.GRID_RUN)),
+      generation_lib.GENERATION_CONFIG_NAME))
+  retrieval = record.get("retrieval")
+  if not retrieval:
+    return (f"Contexts of the {demo_layout.GRID_RUN} run's generation: the "
+            f"neighbour cache ({record['approach_type']}).")
+  return (f"Contexts of the {demo_layout.GRID_RUN} run's generation: live "
+          f"retrieval ({retrieval['search']['kind']} search over "
+          f"{retrieval['num_blocks']} blocks, index version "
+          f"{retrieval['index_version']}).")
+
+
 def _metrics_lines(run_dir):
   path = os.path.join(run_dir, "metrics.jsonl")
   if not os.path.exists(path):
@@ -453,7 +493,7 @@ def write_report(out, times):
       f"held-out ({demo_layout.EVAL_SPLIT}) answers; generations are greedy, scored with "
       "KILT's metrics; fact accuracy is the fraction of the gold facts (three "
       "per question: person, year, city) found verbatim in the answers.", "",
-      results_table(results, times),
+      results_table(results, times), contexts_source_line(out), "",
       "Does the retrieval model read its contexts?", "",
       *acceptance_lines(results), "",
       *grid_lines(out, results), "",
