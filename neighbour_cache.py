@@ -140,16 +140,9 @@ def parse_example(serialized):
 
 def read_manifest(cache_dir):
   """The cache's manifest; a directory without one is not a finished cache."""
-  path = os.path.join(cache_dir, MANIFEST_NAME)
-  if not tf.io.gfile.exists(path):
-    raise utils.UserError(
-        f"{cache_dir}: no {MANIFEST_NAME}; not a finished neighbour cache "
-        "(run query_cacher_tfrecord.py, or let it finish)")
-  manifest = utils.read_json(path, "cache manifest")
-  if manifest.get("format_version") != FORMAT_VERSION:
-    raise utils.UserError(
-        f"{path}: format_version {manifest.get('format_version')!r}, this code "
-        f"reads version {FORMAT_VERSION}")
+  manifest = utils.read_finished_json(
+      cache_dir, MANIFEST_NAME, "neighbour cache", FORMAT_VERSION,
+      "run query_cacher_tfrecord.py, or let it finish")
   manifest.setdefault("titles_path", None)
   return manifest
 

@@ -236,16 +236,9 @@ def open_store(store_dir, *, tokenizer, max_block_tokens, with_title,
     with_title: whether the caller reads blocks as `title: text`.
     num_blocks: blocks of the caller's corpus.
   """
-  path = os.path.join(store_dir, STORE_NAME)
-  if not tf.io.gfile.exists(path):
-    raise utils.UserError(
-        f"{store_dir}: no {STORE_NAME}; not a finished block token store (run "
-        "util_scripts/pretokenize_blocks.py, or let it finish)")
-  description = utils.read_json(path, "block token store description")
-  if description.get("format_version") != FORMAT_VERSION:
-    raise utils.UserError(
-        f"{path}: format_version {description.get('format_version')!r}, this "
-        f"code reads version {FORMAT_VERSION}")
+  description = utils.read_finished_json(
+      store_dir, STORE_NAME, "block token store", FORMAT_VERSION,
+      "run util_scripts/pretokenize_blocks.py, or let it finish")
   if description["tokenizer_fingerprint"] != (
       neighbour_cache.tokenizer_fingerprint(tokenizer)):
     raise utils.UserError(

@@ -137,6 +137,21 @@ def read_json(path, what="JSON file"):
         f"{error.msg}") from None
 
 
+def read_finished_json(directory, name, what, format_version, how_to_finish):
+  """The JSON file `name` that marks `directory` as a finished `what` (it is
+  written last), checked to be of `format_version`."""
+  path = os.path.join(directory, name)
+  if not tf.io.gfile.exists(path):
+    raise UserError(f"{directory}: no {name}; not a finished {what} "
+                    f"({how_to_finish})")
+  content = read_json(path, what)
+  if content.get("format_version") != format_version:
+    raise UserError(
+        f"{path}: format_version {content.get('format_version')!r}, this "
+        f"code reads version {format_version}")
+  return content
+
+
 def makedirs(path):
   tf.io.gfile.makedirs(path)
   return path

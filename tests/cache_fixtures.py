@@ -202,3 +202,12 @@ def read_metrics(run_dir):
   """The records of a run's metrics.jsonl."""
   with open(os.path.join(run_dir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def directory_contents(directory):
+  """{file name: bytes} of a directory's files, to compare two outputs."""
+  contents = {}
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), "rb") as f:
+      contents[name] = f.read()
+  return contents

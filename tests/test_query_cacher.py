@@ -121,14 +121,6 @@ def brute_force_neighbours(world, questions):
                                               NUM_NEIGHBOURS)
 
 
-def directory_contents(directory):
-  contents = {}
-  for name in sorted(os.listdir(directory)):
-    with open(os.path.join(directory, name), "rb") as f:
-      contents[name] = f.read()
-  return contents
-
-
 def read_texts(path):
   return [record.decode("utf-8")
           for record in tf.data.TFRecordDataset(path).as_numpy_iterator()]
@@ -182,16 +174,16 @@ def test_cache_holds_every_question_with_brute_force_neighbours(world,
 
 def test_a_complete_cache_is_kept_and_other_settings_are_refused(
     world, cache_dir, capsys):
-  before = directory_contents(cache_dir)
+  before = cache_fixtures.directory_contents(cache_dir)
   cache(world, cache_dir)
   assert "already complete" in capsys.readouterr().out
-  assert directory_contents(cache_dir) == before
+  assert cache_fixtures.directory_contents(cache_dir) == before
   with pytest.raises(utils.UserError) as error:
     cache(world, cache_dir, num_neighbours=NUM_NEIGHBOURS - 1)
   assert "complete cache made with other settings" in str(error.value)
   assert (f"num_neighbours is {NUM_NEIGHBOURS}, this run asks for "
           f"{NUM_NEIGHBOURS - 1}") in str(error.value)
-  assert directory_contents(cache_dir) == before
+  assert cache_fixtures.directory_contents(cache_dir) == before
 
 
 @pytest.mark.slow  # A subprocess killed mid-run; acceptance of resumability.
@@ -218,7 +210,7 @@ def test_killed_run_resumes_to_the_uninterrupted_cache(world, cache_dir,
   assert caching.PENDING_MANIFEST_NAME in left
 
   cache(world, output_dir)
-  assert directory_contents(output_dir) == directory_contents(cache_dir)
+  assert cache_fixtures.directory_contents(output_dir) == cache_fixtures.directory_contents(cache_dir)
 
 
 def _assert_one_line_error(result, *fragments):
@@ -535,7 +527,7 @@ def test_a_cache_made_with_a_block_token_store_is_the_same_bytes(
   output_dir = str(tmp_path / "cache")
   manifest = cache(world, output_dir, block_token_store=store_dir)
   assert manifest == neighbour_cache.read_manifest(cache_dir)
-  assert directory_contents(output_dir) == directory_contents(cache_dir)
+  assert cache_fixtures.directory_contents(output_dir) == cache_fixtures.directory_contents(cache_dir)
 
 
 def test_a_titled_block_token_store_gives_the_titled_cache(world, tmp_path):
@@ -546,7 +538,7 @@ def test_a_titled_block_token_store_gives_the_titled_cache(world, tmp_path):
   cache(world, with_store, splits=["validation"], context_with_title=True,
         block_token_store=store_dir)
   cache(world, without, splits=["validation"], context_with_title=True)
-  assert directory_contents(with_store) == directory_contents(without)
+  assert cache_fixtures.directory_contents(with_store) == cache_fixtures.directory_contents(without)
 
 
 def test_a_block_token_store_that_does_not_fit_is_refused_at_once(
@@ -605,11 +597,11 @@ def test_a_question_only_cache_holds_questions_and_answers_only(
       assert record["neighbour_block_ids"].shape == (0,)
       assert record["neighbour_scores"].shape == (0,)
   # The retrieval settings are not used, so they do not tell it apart.
-  before = directory_contents(question_cache_dir)
+  before = cache_fixtures.directory_contents(question_cache_dir)
   cache(world, question_cache_dir, num_neighbours=0, search="scann",
         max_block_tokens=7, context_with_title=True)
   assert "already complete" in capsys.readouterr().out
-  assert directory_contents(question_cache_dir) == before
+  assert cache_fixtures.directory_contents(question_cache_dir) == before
 
 
 def _validation_batches(cache_dir, tokenizer, approach):

@@ -94,14 +94,6 @@ def open_store(corpus, store_dir, max_block_tokens, with_title=False,
       **overrides})
 
 
-def directory_contents(directory):
-  contents = {}
-  for name in sorted(os.listdir(directory)):
-    with open(os.path.join(directory, name), "rb") as f:
-      contents[name] = f.read()
-  return contents
-
-
 @pytest.fixture(name="whole_store", scope="module")
 def fixture_whole_store(corpus, tmp_path_factory):
   """Whole blocks, no titles: an uninterrupted run."""
@@ -267,15 +259,15 @@ def test_stores_that_do_not_fit_are_refused_naming_the_store(
 
 def test_a_complete_store_is_kept_and_other_settings_are_refused(
     corpus, whole_store, capsys):
-  before = directory_contents(whole_store)
+  before = cache_fixtures.directory_contents(whole_store)
   pretokenize(corpus, whole_store, batch_size=3)
   assert "already complete" in capsys.readouterr().out
-  assert directory_contents(whole_store) == before
+  assert cache_fixtures.directory_contents(whole_store) == before
   with pytest.raises(utils.UserError) as error:
     pretokenize(corpus, whole_store, max_block_tokens=8)
   assert (f"{whole_store}: holds a complete block token store made with other "
           "settings (max_block_tokens differ)") in str(error.value)
-  assert directory_contents(whole_store) == before
+  assert cache_fixtures.directory_contents(whole_store) == before
 
 
 @pytest.mark.parametrize("values, message", [
@@ -345,7 +337,7 @@ def test_a_failed_run_resumes_to_the_uninterrupted_bytes(
                      "other settings"):
     pretokenize(corpus, output_dir, context_with_title=True)
   pretokenize(corpus, output_dir)
-  assert directory_contents(output_dir) == directory_contents(whole_store)
+  assert cache_fixtures.directory_contents(output_dir) == cache_fixtures.directory_contents(whole_store)
 
 
 def _large_corpus(directory, num_blocks):
@@ -391,7 +383,7 @@ def test_a_killed_command_resumes_to_the_uninterrupted_bytes(corpus,
   reference_dir = str(tmp_path / "reference")
   token_store.pretokenize(dataclasses.replace(store_config,
                                               output_dir=reference_dir))
-  assert directory_contents(output_dir) == directory_contents(reference_dir)
+  assert cache_fixtures.directory_contents(output_dir) == cache_fixtures.directory_contents(reference_dir)
 
 
 @pytest.mark.slow  # The command line's one-line error.
