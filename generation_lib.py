@@ -570,12 +570,10 @@ def _retrieval_config(config, run):
 def _data_config(config, run, approach, retrieval_config):
   """The contexts' settings: the flag's if given, else the run's (`run`: its
   TrainConfig, or the defaults for a Hugging Face model)."""
-  live = approach == context_draw.Approach.LIVE_RETRIEVAL
   return task_specific.DataConfig(
-      approach=context_draw.Approach.CACHED_PRETOK if live else approach,
-      live_num_neighbours=(retrieval_config.live_num_neighbours if live
-                           else 0),
-      live_batch_size=retrieval_config.retrieval_batch_size,
+      **task_specific.approach_fields(
+          approach, retrieval_config,
+          live=approach == context_draw.Approach.LIVE_RETRIEVAL),
       num_retrievals=_given(config.num_retrievals, run.num_retrievals),
       retrieval_temperature=config.retrieval_temperature,
       retrieval_bank_size=_given(config.retrieval_bank_size,

@@ -208,10 +208,6 @@ class LocalRetrieval:
     with self._lock:
       return self._retriever.blocks.titles(block_ids)
 
-  def texts(self, block_ids):
-    with self._lock:
-      return self._retriever.blocks.texts(block_ids)
-
 
 class FailFast:
   """A retrieval whose calls all fail at once after one has failed.

@@ -362,6 +362,24 @@ class DataConfig:
   live_batch_size: int = 32
 
 
+def approach_fields(approach, retrieval_config, live):
+  """`DataConfig`'s approach and live-retrieval fields of a job's approach.
+
+  live_retrieval draws as cached_pretok does; when the job retrieves
+  (`live`), every approach but naked_lm draws from the neighbours
+  `retrieval_config` (a `live_retrieval.RetrievalConfig`) retrieves.
+  """
+  approach = context_draw.Approach(approach)
+  drawn = (context_draw.Approach.CACHED_PRETOK
+           if approach == context_draw.Approach.LIVE_RETRIEVAL else approach)
+  retrieves = live and drawn != context_draw.Approach.NAKED_LM
+  return dict(
+      approach=drawn,
+      live_num_neighbours=(retrieval_config.live_num_neighbours if retrieves
+                           else 0),
+      live_batch_size=retrieval_config.retrieval_batch_size)
+
+
 def check_data_config(config, manifest, cache_dir):
   """A UserError for a config the cache cannot serve."""
   if config.approach not in context_draw.APPROACHES:

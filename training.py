@@ -345,16 +345,9 @@ class Setup:
     """A pipeline's `DataConfig`: in a live_retrieval run, every approach
     but naked_lm draws from live neighbours (live_retrieval as cached_pretok
     does)."""
-    approach = context_draw.Approach(approach)
-    live = self.retrieval is not None and (
-        approach != context_draw.Approach.NAKED_LM)
-    if approach == context_draw.Approach.LIVE_RETRIEVAL:
-      approach = context_draw.Approach.CACHED_PRETOK
     config = task_specific.DataConfig(
-        approach=approach,
-        live_num_neighbours=(self.config.retrieval.live_num_neighbours
-                             if live else 0),
-        live_batch_size=self.config.retrieval.retrieval_batch_size,
+        **task_specific.approach_fields(approach, self.config.retrieval,
+                                        live=self.retrieval is not None),
         num_retrievals=self.config.num_retrievals,
         retrieval_temperature=temperature,
         retrieval_bank_size=self.config.retrieval_bank_size,
