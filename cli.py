@@ -10,6 +10,8 @@ the calling script's own, as if it had defined them: they are listed by
 """
 
 import dataclasses
+import logging
+import os
 import sys
 
 from absl import app
@@ -110,5 +112,22 @@ def parse_flags(argv):
 
 def run(main, takes_arguments=False):
   """`absl.app.run(main)` for an entry script: bad input, a bad flag
-  included, is one line on stderr and exit 2 (`utils.guarded`)."""
-  app.run(utils.guarded(main, takes_arguments), flags_parser=parse_flags)
+  included, is one line on stderr and exit 2 (`utils.guarded`).
+
+  A job that failed so ends at once, without the interpreter's teardown:
+  freeing an input pipeline whose `py_function` producer is still at work
+  (live retrieval retrying a dead server) deadlocks there, the destructor of
+  tf.distribute's device-prefetch iterator waiting, with the GIL held, for a
+  thread that needs the GIL (seen: `MultiDeviceIterator::~MultiDeviceIterator`
+  in a py-spy dump of a trainer hung after its one-line error). Whatever the
+  job wrote is already whole (temporary names, renamed when complete).
+  """
+  try:
+    app.run(utils.guarded(main, takes_arguments), flags_parser=parse_flags)
+  except SystemExit as exit_:
+    if exit_.code != utils.USER_ERROR_EXIT_CODE:
+      raise
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_.code)  # pylint: disable=protected-access

@@ -352,7 +352,11 @@ def make_scoring_step(setup):
 
 
 def score_rows(setup, dataset, description, score_step):
-  """{(example key, answer index): [NLL sum, tokens]} over a dataset."""
+  """{(example key, answer index): [NLL sum, tokens]} over a dataset.
+
+  Each row of the dataset is scored by one replica (`Setup.eval_dataset`),
+  and `score_step` gathers every replica's rows: the sums count each row
+  once, on every worker."""
   sums = collections.defaultdict(lambda: [0.0, 0.0])
   for batch in tqdm.tqdm(dataset, desc=description, leave=False,
                          disable=not setup.is_chief):
@@ -361,9 +365,7 @@ def score_rows(setup, dataset, description, score_step):
       if key >= 0:
         sums[(int(key), int(answer_index))][0] += float(loss_sum)
         sums[(int(key), int(answer_index))][1] += float(tokens)
-  # Every input pipeline (host) reads the whole split: count rows once.
-  return {key: [value / setup.eval_pipelines for value in values]
-          for key, values in sums.items()}
+  return dict(sums)
 
 
 def _evaluate(setup, conditions):

@@ -17,7 +17,9 @@ client of `retrieval_server.py` (`retrieval_client.RemoteRetrieval`), which
 holds the block embeddings and the index once for many jobs. Both name what
 they serve by an index version: a hash of the embedder and block
 embeddings, the search config and how block ids are made, which a run
-records and checks when it resumes.
+records and checks when it resumes. A retriever config of an index root
+(refresh_index.py's) is read as the version its CURRENT names when the
+retrieval loads; the run records that version's name too (`index_name`).
 """
 
 import dataclasses
@@ -108,11 +110,7 @@ def index_version(*, embedder_path, search, tokenizer_fingerprint,
   in it, `encoded/`), so a re-encoded corpus is another version.
   """
   digest = hashlib.sha256()
-  for path in sorted(_files_under(embedder_path)):
-    digest.update(os.path.relpath(path, embedder_path).encode("utf-8"))
-    with tf.io.gfile.GFile(path, "rb") as f:
-      for chunk in iter(lambda: f.read(16 << 20), b""):
-        digest.update(chunk)
+  update_with_directory(digest, embedder_path)
   digest.update(json.dumps({
       "search": search, "tokenizer": tokenizer_fingerprint,
       "max_block_tokens": max_block_tokens,
@@ -121,10 +119,25 @@ def index_version(*, embedder_path, search, tokenizer_fingerprint,
   return digest.hexdigest()[:16]
 
 
-def _files_under(directory):
+def files_under(directory, skip=()):
+  """Every file under `directory` (local or gs://), but under its
+  subdirectories named in `skip` (names relative to `directory`)."""
   for root, _, names in tf.io.gfile.walk(directory):
+    relative = os.path.relpath(root, directory)
+    if relative.split(os.sep)[0] in skip:
+      continue
     for name in names:
       yield os.path.join(root, name)
+
+
+def update_with_directory(digest, directory, skip=()):
+  """Feeds `digest` (a hashlib object) every file's relative path and bytes,
+  in path order (`files_under`'s `skip` left out)."""
+  for path in sorted(files_under(directory, skip)):
+    digest.update(os.path.relpath(path, directory).encode("utf-8"))
+    with tf.io.gfile.GFile(path, "rb") as f:
+      for chunk in iter(lambda: f.read(16 << 20), b""):
+        digest.update(chunk)
 
 
 class LocalRetrieval:
@@ -165,6 +178,10 @@ class LocalRetrieval:
     self._lock = threading.Lock()
     self.description = {
         "source": config.retriever_config_path,
+        # The index root (refresh_index.py) and its version served; None
+        # for a plain retriever config.
+        "index_root": retriever_config.get("index_root"),
+        "index_name": retriever_config.get("index_name"),
         "index_version": index_version(
             embedder_path=retriever_config["query_embedder_path"],
             search=search,
@@ -255,8 +272,8 @@ def open_retrieval(config, tokenizer, *, devices=None):
 
 # What names the neighbours a retrieval gives (a run and a generation record
 # it), whichever source serves them.
-RECORDED = ("index_version", "num_blocks", "search", "max_block_tokens",
-            "context_with_title", "max_query_length")
+RECORDED = ("index_version", "index_name", "num_blocks", "search",
+            "max_block_tokens", "context_with_title", "max_query_length")
 
 
 def recorded(retrieval):

@@ -47,8 +47,7 @@ LayerNorm's differences) and may keep less; allocator fragmentation and
 transient buffers add some: read the figures as a plan, with headroom.
 
 Stages split the layers as the model places them
-(`GPT2LMHeadModel._assign_block_devices`: block i on device
-i * stages // n_layer): the embeddings with the first block, the final
+(`placement.stage_of_blocks`: block i on stage i * stages // n_layer): the embeddings with the first block, the final
 LayerNorm and the head with the last block. The tied embedding's gradient is
 counted where the embedding lives (the first stage).
 """
@@ -61,6 +60,7 @@ import typing
 import transformers
 
 import gpt2_weights
+import placement
 import settings
 import utils
 
@@ -165,13 +165,6 @@ def resolve_config(key):
   return gpt2_weights.read_config(path)
 
 
-def stage_layers(n_layer, num_stages):
-  """(first, last) block of each stage, as the model assigns blocks."""
-  owners = [i * num_stages // n_layer for i in range(n_layer)]
-  return tuple((owners.index(stage), n_layer - 1 - owners[::-1].index(stage))
-               for stage in range(num_stages))
-
-
 def _check(config, sequence_length, micro_batch, optimizer, precision,
            batch_split, num_stages, answer_window):
   for name, value in (("sequence_length", sequence_length),
@@ -185,10 +178,9 @@ def _check(config, sequence_length, micro_batch, optimizer, precision,
   if precision not in PRECISIONS:
     raise utils.UserError(
         f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
-  if not isinstance(num_stages, int) or not 1 <= num_stages <= config.n_layer:
-    raise utils.UserError(
-        f"num_stages={num_stages!r}: expected between 1 and the model's "
-        f"n_layer={config.n_layer}")
+  if not isinstance(num_stages, int):
+    raise utils.UserError(f"num_stages={num_stages!r}: expected an integer")
+  placement.check_num_stages(num_stages, config.n_layer, "num_stages")
   if sequence_length > config.n_positions:
     raise utils.UserError(
         f"sequence_length={sequence_length}: longer than the model's "
@@ -292,7 +284,7 @@ def plan(gpt2_config, *, sequence_length, micro_batch, optimizer, precision,
          batch_split, num_stages, answer_window)
   compute = _COMPUTE_BYTES[precision]
   window = answer_window or sequence_length - 1
-  layers = stage_layers(config.n_layer, num_stages)
+  layers = placement.stage_layers(config.n_layer, num_stages)
   shapes = gpt2_weights.weight_shapes(config)
   block = _block_activation_bytes(config, micro_batch, sequence_length,
                                   compute, recompute)

@@ -11,11 +11,13 @@ Numerics follow transformers' `TFGPT2LMHeadModel` (masked attention scores are
 set to -1e4 and padded keys get -1e4 added), so logits agree to float32
 round-off, padded rows included.
 
-Model parallelism: with `devices=[d0, d1, ...]` consecutive blocks go to
-consecutive devices (embeddings with the first block, final LayerNorm and the
-tied head with the last); each block's variables, forward ops and backward ops
-are placed on its device. Without `devices`, variables are created wherever the
-caller's scope says (e.g. mirrored under `MirroredStrategy.scope()`).
+Model parallelism: with `devices=[d0, d1, ...]` (or a placement of
+`placement.py`) consecutive blocks go to consecutive stages
+(`placement.stage_of_blocks`: embeddings with the first block, final
+LayerNorm and the tied head with the last); each block's variables, forward
+ops and backward ops are placed in its stage's scope. Without `devices`,
+variables are created wherever the caller's scope says (e.g. mirrored under
+`MirroredStrategy.scope()`).
 """
 
 import contextlib
@@ -27,6 +29,7 @@ import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
 import gpt2_weights
+import placement as placement_lib
 import utils
 
 # transformers' TF GPT-2 adds this to masked attention scores; using the same
@@ -70,7 +73,9 @@ class GPT2LMHeadModel(tf.Module):
 
   Attributes:
     config: the `transformers.GPT2Config`.
-    devices: None, or one device name per stage (consecutive blocks each).
+    devices: the names of the stages' devices (one replica split over
+      devices), or None (no split, or stages that are not one device each).
+    placement: None, or the `placement.py` placement of the stages.
     compute_dtype: tf.float32, or tf.bfloat16 for mixed precision (the
       variables stay float32; logits are returned as float32).
     recompute: recompute each block in the backward pass instead of keeping
@@ -89,8 +94,9 @@ class GPT2LMHeadModel(tf.Module):
           f"dtype: {dtype!r} is not supported; expected float32 or bfloat16")
     self.compute_dtype = _COMPUTE_DTYPES[dtype]
     self.recompute = recompute
-    self.devices = None if devices is None else tuple(devices)
-    self._block_devices = self._assign_block_devices(self.devices)
+    self.placement = placement_lib.make(devices)
+    self.devices = None if self.placement is None else self.placement.devices
+    self._block_stages = self._assign_block_stages(self.placement)
 
     def make(node, attribute, name):
       shape = gpt2_weights.weight_shapes(config)[name]
@@ -180,39 +186,34 @@ class GPT2LMHeadModel(tf.Module):
 
   # -- placement ----------------------------------------------------------
 
-  def _assign_block_devices(self, devices):
-    """Device of each block: contiguous, near-equal runs over `devices`."""
+  def _assign_block_stages(self, placement):
+    """Stage of each block (`placement.stage_of_blocks`), or None each."""
     n_layer = self.config.n_layer
-    if devices is None:
+    if placement is None:
       return (None,) * n_layer
-    if not devices or len(devices) > n_layer:
-      raise utils.UserError(
-          f"devices: {len(devices)} devices for {n_layer} layers; expected "
-          f"between 1 and n_layer devices")
-
-    def type_and_index(name):
-      spec = tf.DeviceSpec.from_string(name)
-      return (spec.device_type or "").upper(), spec.device_index or 0
-
-    known = {type_and_index(d.name): d.name
-             for d in tf.config.list_logical_devices()}
-    for device in devices:
-      if type_and_index(device) not in known:
-        raise utils.UserError(
-            f"devices: unknown device {device!r}; logical devices here are "
-            f"{sorted(known.values())}")
-    return tuple(devices[i * len(devices) // n_layer] for i in range(n_layer))
+    return placement_lib.stage_of_blocks(n_layer, placement.num_stages,
+                                         placement.flag)
 
   def _on_device(self, layer):
-    device = self._block_devices[layer]
-    return _device_scope(device)
+    """The scope of the stage of block `layer` (variables and ops)."""
+    stage = self._block_stages[layer]
+    if stage is None:
+      return contextlib.nullcontext()
+    return self.placement.scope(stage)
+
+  def _stage_boundary(self, x, layer):
+    """x entering or leaving the stage of block `layer`."""
+    stage = self._block_stages[layer]
+    return x if stage is None else self.placement.boundary(x, stage)
 
   def _run_block(self, block_fn, layer, x):
-    """Runs one block on its device; with gradients placed there too."""
-    device = self._block_devices[layer]
-    if device is None and not self.recompute:
+    """Runs one block in its stage; with gradients placed there too."""
+    if self._block_stages[layer] is None and not self.recompute:
       return block_fn(x)
-    return _placed_block(block_fn, device, self.recompute)(x)
+    return _placed_block(
+        lambda block_input: self._stage_boundary(
+            block_fn(self._stage_boundary(block_input, layer)), layer),
+        functools.partial(self._on_device, layer), self.recompute)(x)
 
   # -- forward ------------------------------------------------------------
 
@@ -307,10 +308,11 @@ class GPT2LMHeadModel(tf.Module):
         x = self._dropout(x, self.config.embd_pdrop,
                           tf.random.experimental.stateless_fold_in(
                               dropout_seed, 0), 0)
-      return x
+      return self._stage_boundary(x, 0)
 
   def _head(self, x, score_positions=None):
     with self._on_device(self.config.n_layer - 1):
+      x = self._stage_boundary(x, self.config.n_layer - 1)
       if score_positions is not None:
         x = tf.gather(x, score_positions, batch_dims=1)
       x = self._layer_norm(self.transformer.ln_f, x)
@@ -332,8 +334,10 @@ class GPT2LMHeadModel(tf.Module):
         x = self._run_block(block_fn, layer, x)
       else:
         with self._on_device(layer):
-          x, layer_cache = self._block(layer, x, keys_allowed, key_bias,
-                                       cache[layer], cache_index, None)
+          x, layer_cache = self._block(
+              layer, self._stage_boundary(x, layer), keys_allowed, key_bias,
+              cache[layer], cache_index, None)
+          x = self._stage_boundary(x, layer)
         new_cache.append(layer_cache)
     return self._head(x, score_positions), new_cache
 
@@ -412,14 +416,8 @@ class GPT2LMHeadModel(tf.Module):
                            cache_index=cache_index)
 
 
-def _device_scope(device):
-  """tf.device(device), or no scope for None (tf.device(None) would reset the
-  caller's device scope)."""
-  return tf.device(device) if device else contextlib.nullcontext()
-
-
-def _placed_block(block_fn, device, recompute):
-  """block_fn(x) with forward and backward ops on `device`.
+def _placed_block(block_fn, scope, recompute):
+  """block_fn(x) with forward and backward ops in `scope()` (a stage's).
 
   TF's tape puts gradient ops on the default device, not next to their
   forward ops; for a model split over devices the backward pass must stay on
@@ -430,7 +428,7 @@ def _placed_block(block_fn, device, recompute):
 
   @tf.custom_gradient
   def placed(x):
-    with _device_scope(device):
+    with scope():
       if recompute:
         y = tf.stop_gradient(block_fn(tf.stop_gradient(x)))
         tape = None
@@ -441,7 +439,7 @@ def _placed_block(block_fn, device, recompute):
 
     def grad(dy, variables=None):
       variables = list(variables or [])
-      with _device_scope(device):
+      with scope():
         if recompute:
           first = tf.reshape(dy, [-1])[:1]
           dependency = tf.cast(tf.reduce_sum(first) * 0, x.dtype)

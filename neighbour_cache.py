@@ -138,6 +138,16 @@ def parse_example(serialized):
   }
 
 
+def answer_counts(serialized):
+  """int64 [B]: how many answers each of a batch of serialised records has,
+  parsing their answer lengths alone."""
+  lengths = tf.io.parse_example(
+      serialized, {"answer_lengths": _FEATURES["answer_lengths"]}
+  )["answer_lengths"]
+  return tf.math.bincount(tf.cast(lengths.indices[:, 0], tf.int32),
+                          minlength=tf.size(serialized), dtype=tf.int64)
+
+
 def read_manifest(cache_dir):
   """The cache's manifest; a directory without one is not a finished cache."""
   manifest = utils.read_finished_json(

@@ -37,14 +37,17 @@ class Wordpieces:
   def __init__(self, vocab_file, do_lower_case):
     with tf.io.gfile.GFile(vocab_file, "r") as f:
       # The lookup table's keys are whole lines (TextFileIndex.WHOLE_LINE).
-      vocab = {}
-      for index, line in enumerate(f):
-        vocab.setdefault(line.rstrip("\r\n"), index)
+      lines = [line.rstrip("\r\n") for line in f]
+    vocab = {}
+    for index, line in enumerate(lines):
+      vocab.setdefault(line, index)
     missing = [token for token in _REQUIRED_WORDPIECES if token not in vocab]
     if missing:
       raise utils.UserError(f"{vocab_file}: no {', '.join(missing)} in the "
                             "wordpiece vocabulary, expected BERT's vocab.txt")
     self.vocab_file = vocab_file
+    self.do_lower_case = do_lower_case
+    self._pieces = lines
     self.cls_id = vocab["[CLS]"]
     self.sep_id = vocab["[SEP]"]
     self._tokenizer = tf_text.BertTokenizer(
@@ -57,6 +60,11 @@ class Wordpieces:
       return []
     pieces = self._tokenizer.tokenize(tf.constant(texts, tf.string))
     return pieces.merge_dims(-2, -1).to_list()
+
+  def pieces(self, ids):
+    """The wordpieces of `ids` as the vocabulary spells them (`##` marks a
+    continuation)."""
+    return [self._pieces[i] for i in ids]
 
   def query_ids(self, questions, max_length=None):
     """`[CLS] q [SEP]` ids of each question, cut to `max_length` ids if given."""
@@ -80,6 +88,38 @@ def pad_features(sequences, segment_ids=None):
     if segment_ids is not None:
       features["segment_ids"][row, :len(ids)] = segment_ids[row]
   return features
+
+
+# ORQA's encode_blocks.py: wordpieces per candidate block, [CLS] title [SEP]
+# text [SEP].
+BLOCK_MAX_LENGTH = 288
+
+
+def block_sequences(wordpieces, titles_and_texts, max_length=BLOCK_MAX_LENGTH):
+  """(ids, segment ids) of `[CLS] title [SEP] text [SEP]` per (title, text).
+
+  As ORQA's encode_blocks.py lays candidates out: segment ids 0 then 1, the
+  title cut to `max_length - 3` wordpieces and the text to what is left
+  (`bert_utils.pad_or_truncate_pair`).
+  """
+  titles_and_texts = list(titles_and_texts)
+  title_ids = wordpieces.ids(title for title, _ in titles_and_texts)
+  text_ids = wordpieces.ids(text for _, text in titles_and_texts)
+  sequences, segment_ids = [], []
+  for title, text in zip(title_ids, text_ids):
+    title = title[:max_length - 3]
+    text = text[:max_length - 3 - len(title)]
+    sequences.append([wordpieces.cls_id] + title + [wordpieces.sep_id] + text +
+                     [wordpieces.sep_id])
+    segment_ids.append([0] * (len(title) + 2) + [1] * (len(text) + 1))
+  return sequences, segment_ids
+
+
+def block_features(wordpieces, titles_and_texts, max_length=BLOCK_MAX_LENGTH):
+  """REALM candidate inputs of (title, text) pairs (`block_sequences`),
+  zero-padded to the longest (`pad_features`)."""
+  return pad_features(*block_sequences(wordpieces, titles_and_texts,
+                                       max_length))
 
 
 def _vocabulary_file(embedder_path, vocab_file):
@@ -111,8 +151,9 @@ def _vocabulary_file(embedder_path, vocab_file):
 def position_limit(embedder_path):
   """Positions the embedder's BERT embeds (rows of its position embeddings), or None.
 
-  Read from the module's variables checkpoint; None when it has no BERT
-  position-embedding variable (e.g. TF2 object-based names).
+  Read from the module's variables checkpoint (a TF1 module's variable names,
+  or a TF2 export's object paths that spell them, as realm_embedder exports);
+  None when it has no BERT position-embedding variable.
   """
   try:
     variables = tf.train.list_variables(
@@ -120,9 +161,17 @@ def position_limit(embedder_path):
   except (tf.errors.OpError, ValueError):
     return None
   for name, shape in variables:
-    if name.endswith(_POSITION_EMBEDDINGS_SUFFIX) and len(shape) == 2:
+    if (_graph_name(name).endswith(_POSITION_EMBEDDINGS_SUFFIX) and
+        len(shape) == 2):
       return int(shape[0])
   return None
+
+
+def _graph_name(checkpoint_key):
+  """A TF2 checkpoint key as the variable name it escapes
+  (`a.Sb/.ATTRIBUTES/VARIABLE_VALUE` -> `a/b`); a TF1 name is itself."""
+  name = checkpoint_key.removesuffix("/.ATTRIBUTES/VARIABLE_VALUE")
+  return name.replace(".S", "/").replace("..", ".")
 
 
 def check_max_query_length(max_query_length, name="max_query_length"):
@@ -208,16 +257,21 @@ class QueryEmbedder:
     embeddings = []
     for start in range(0, len(questions), batch_size):
       input_ids, input_mask = self.token_ids(questions[start:start + batch_size])
-      outputs = self._projected(
-          input_ids=tf.cast(input_ids, self._input_dtypes["input_ids"]),
-          input_mask=tf.cast(input_mask, self._input_dtypes["input_mask"]),
-          segment_ids=tf.zeros(input_ids.shape,
-                               self._input_dtypes["segment_ids"]))
-      if "default" not in outputs:
-        raise utils.UserError(
-            f"{self.embedder_path}: 'projected' returns "
-            f"{', '.join(sorted(outputs))}, expected 'default'")
-      embeddings.append(outputs["default"].numpy().astype(np.float32))
+      embeddings.append(self.embed_features({
+          "input_ids": input_ids, "input_mask": input_mask,
+          "segment_ids": np.zeros_like(input_ids)}))
     if not embeddings:
       return np.zeros([0, 0], np.float32)
     return np.concatenate(embeddings)
+
+  def embed_features(self, features):
+    """float32 [B, D]: `projected` of int arrays {input_ids, input_mask,
+    segment_ids} (questions from `token_ids`, blocks from `block_features`)."""
+    outputs = self._projected(**{
+        name: tf.cast(value, self._input_dtypes[name])
+        for name, value in features.items()})
+    if "default" not in outputs:
+      raise utils.UserError(
+          f"{self.embedder_path}: 'projected' returns "
+          f"{', '.join(sorted(outputs))}, expected 'default'")
+    return outputs["default"].numpy().astype(np.float32)

@@ -27,6 +27,14 @@ request is a 4xx with {"error": "one line"} and never reaches the worker;
 the server goes on serving. The port is bound before the index loads (a
 port in use is refused at once) and listens once it has loaded, when the
 server prints one line: `READY_LINE_PREFIX` + its URL and index version.
+
+Served from an index root (a retriever config {"index_root": ...}, which
+refresh_index.py writes), the server reads the root's CURRENT every
+`--reload_seconds` and, when it names a new version, loads it beside the one
+serving and swaps it in between two batches (`IndexReloader`): no request
+is dropped, each answer names the version that answered it, and /health
+describes the new one. A client started on the old version refuses the new
+one's answers (`retrieval_client`): a job records the index it used.
 """
 
 import asyncio
@@ -39,6 +47,7 @@ import math
 import queue
 import socket
 import threading
+import time
 import typing
 
 from absl import logging
@@ -50,6 +59,7 @@ import uvicorn
 
 import live_retrieval
 import neighbour_cache
+import retrievers
 import settings
 import task_specific
 import utils
@@ -88,6 +98,12 @@ class ServerConfig:
       256,
       "Questions of concurrent requests answered together by one embed and "
       "one search (a larger request is answered alone).")
+  reload_seconds: float = setting(
+      10.0,
+      "With a retriever config of an index root (refresh_index.py): read its "
+      "CURRENT every this many seconds and serve a new version once it has "
+      "loaded (memory for two meanwhile), without dropping requests; 0: "
+      "never.")
   warm_up_k: int = setting(
       100,
       "Before it listens, the server searches once for this many neighbours "
@@ -307,16 +323,33 @@ def _token_ids_answer(token_ids, token_ids_format):
 
 class SearchBatcher:
   """A worker thread that answers the queued requests, as many at a time as
-  fit `max_batch_questions` (a request is never split)."""
+  fit `max_batch_questions` (a request is never split).
 
-  def __init__(self, retrieval, max_batch_questions):
-    self._retrieval = retrieval
+  `swap` replaces the retrieval (and the /health that describes it) between
+  two batches: a batch is answered by one retrieval, the requests waiting
+  stay queued, and none is dropped.
+  """
+
+  def __init__(self, retrieval, max_batch_questions, health=None):
+    # (retrieval, its /health), replaced as one by `swap`.
+    self._served = (retrieval, health)
     self._max_batch_questions = max_batch_questions
     self._queue = queue.Queue()
     self._held = None  # Taken from the queue, but did not fit the last batch.
     self._thread = threading.Thread(target=self._work, daemon=True,
                                     name="retrieval-batcher")
     self._thread.start()
+
+  @property
+  def health(self):
+    """GET /health's answer for the retrieval now serving."""
+    return self._served[1]
+
+  def swap(self, retrieval, health):
+    """Answers the batches after the one in progress from `retrieval`."""
+    # One assignment (atomic under the GIL): a batch, or a /health, sees the
+    # old pair or the new one.
+    self._served = (retrieval, health)
 
   def submit(self, request):
     """A `concurrent.futures.Future` of the request's answer."""
@@ -347,9 +380,9 @@ class SearchBatcher:
       batch = self._next_batch()
       if not batch:
         continue
+      retrieval, _ = self._served
       try:
-        answers = answer_batch(self._retrieval,
-                               [request for request, _ in batch])
+        answers = answer_batch(retrieval, [request for request, _ in batch])
       except Exception as error:  # pylint: disable=broad-except
         # Reported to each request of the batch; the worker goes on.
         for _, future in batch:
@@ -381,9 +414,10 @@ async def _read_body(request, limits):
   return bytes(body)
 
 
-def create_app(health, limits, batcher):
+def create_app(limits, batcher):
   """The FastAPI app: requests checked against `limits`, answered by
-  `batcher` (the only caller of the retrieval), `health` as GET /health."""
+  `batcher` (the only caller of the retrieval), its `health` as GET
+  /health."""
   app = fastapi.FastAPI(title="REALM retrieval", docs_url=None,
                         redoc_url=None, openapi_url=None)
 
@@ -395,7 +429,7 @@ def create_app(health, limits, batcher):
 
   @app.get("/health")
   async def health_check():
-    return responses.JSONResponse(health)
+    return responses.JSONResponse(batcher.health)
 
   @app.post("/search")
   async def search(request: fastapi.Request):
@@ -433,6 +467,9 @@ def check_config(config):
     if getattr(config, name) < 1:
       raise utils.UserError(f"--{name}={getattr(config, name)}: must be at "
                             "least 1")
+  if config.reload_seconds < 0:
+    raise utils.UserError(f"--reload_seconds={config.reload_seconds}: must "
+                          "be at least 0")
   if config.warm_up_k < 0:
     raise utils.UserError(f"--warm_up_k={config.warm_up_k}: must be at least "
                           "0")
@@ -488,12 +525,9 @@ def max_k_of(num_blocks, search):
   return {"max_k": num_blocks, "max_k_reason": "the number of blocks"}
 
 
-def serve(config):
-  """Loads the index of `config` (a `ServerConfig`) and serves it until
-  stopped (SIGINT / SIGTERM)."""
-  check_config(config)
-  sock = bound_socket(config.host, config.port)
-  tokenizer = task_specific.load_tokenizer(config.tokenizer)
+def load_index(config, tokenizer):
+  """(retrieval, its /health, the `Limits` of requests to it) of the index
+  `config` (a `ServerConfig`) names, warmed up."""
   retrieval = live_retrieval.LocalRetrieval(config.retrieval, tokenizer)
   health = health_of(retrieval, tokenizer, config)
   limits = Limits(**max_k_of(retrieval.num_blocks, health["search"]),
@@ -506,13 +540,109 @@ def serve(config):
     retrieval.search_vectors(
         np.zeros([1, health["embedding_dim"]], np.float32),
         min(config.warm_up_k, limits.max_k), with_token_ids=False)
-  app = create_app(health, limits, SearchBatcher(
-      retrieval, config.max_batch_questions))
+  return retrieval, health, limits
+
+
+class IndexReloader:
+  """Serves each new version of an index root (refresh_index.py's) once it
+  has loaded, without dropping a request.
+
+  `reload_if_changed` reads the root's CURRENT; a version other than the one
+  served is loaded beside it (the old one answers meanwhile: memory for
+  both), checked to take the same requests (`Limits`: the same blocks,
+  width, titles and k), and swapped into the batcher between two batches. A
+  version that does not load or takes other requests is reported once and
+  skipped; the old one goes on serving.
+  """
+
+  def __init__(self, config, tokenizer, batcher, limits, health):
+    self._config = config
+    self._tokenizer = tokenizer
+    self._batcher = batcher
+    self._limits = limits
+    self._root = health["index_root"]
+    self._served_name = health["index_name"]
+    self._last_problem = None
+
+  def start(self, stopped):
+    """Reloads every `config.reload_seconds` on a thread of its own, until
+    `stopped()` is true."""
+    threading.Thread(target=self._watch, args=(stopped,), daemon=True,
+                     name="index-reloader").start()
+
+  def reload_if_changed(self):
+    """Swaps in the root's current version if it is another; returns
+    whether it did."""
+    try:
+      name = retrievers.current_index_name(self._root)
+      if name == self._served_name:
+        return False
+      retrieval, health, limits = load_index(self._config, self._tokenizer)
+      if limits != self._limits:
+        raise utils.UserError(
+            f"version {health['index_name']} takes other requests ({limits}) "
+            f"than the version served ({self._limits}); another index needs "
+            "another server")
+    except utils.UserError as error:
+      self._report(f"retrieval server: not reloading {self._root} "
+                   f"({error}); still serving version {self._served_name}")
+      return False
+    self._batcher.swap(retrieval, health)
+    self._served_name = health["index_name"]
+    self._last_problem = None
+    print(f"retrieval server: now serving index version "
+          f"{retrieval.index_version} ({self._served_name} of {self._root})",
+          flush=True)
+    return True
+
+  def _report(self, problem):
+    """Prints `problem`, unless it is the one printed last (a poll finds it
+    again and again)."""
+    if problem != self._last_problem:
+      print(problem, flush=True)
+      self._last_problem = problem
+
+  def _watch(self, stopped):
+    while not stopped():
+      time.sleep(self._config.reload_seconds)
+      try:
+        self.reload_if_changed()
+      except Exception as error:  # pylint: disable=broad-except
+        # A reload is never worth the server: the old version serves on.
+        logging.exception("index reload failed")
+        self._report(f"retrieval server: reload failed "
+                     f"({_error_line(error)}); still serving version "
+                     f"{self._served_name}")
+
+
+def start(config):
+  """Loads the index of `config` (a `ServerConfig`), its port bound and
+  listening; returns (a `uvicorn.Server` to run on the socket, the socket).
+  An index root's new versions are swapped in as they come
+  (`IndexReloader`)."""
+  check_config(config)
+  sock = bound_socket(config.host, config.port)
+  tokenizer = task_specific.load_tokenizer(config.tokenizer)
+  retrieval, health, limits = load_index(config, tokenizer)
+  batcher = SearchBatcher(retrieval, config.max_batch_questions, health)
+  # log_config=None: uvicorn's warnings go through the process's logging
+  # (absl's handler); its own config would replace every handler there is.
+  server = uvicorn.Server(uvicorn.Config(
+      create_app(limits, batcher), log_level="warning", access_log=False,
+      lifespan="off", log_config=None))
+  if health["index_root"] and config.reload_seconds:
+    IndexReloader(config, tokenizer, batcher, limits, health).start(
+        lambda: server.should_exit)
   # Connections wait in the backlog from here until uvicorn accepts them.
   sock.listen(2048)
   print(f"{READY_LINE_PREFIX}{url_of(sock)} (index version "
         f"{retrieval.index_version}, {retrieval.num_blocks} blocks, "
         f"{health['search']['kind']} search)", flush=True)
-  uvicorn.Server(uvicorn.Config(
-      app, log_level="warning", access_log=False, lifespan="off")).run(
-          sockets=[sock])
+  return server, sock
+
+
+def serve(config):
+  """Serves the index of `config` (a `ServerConfig`, see `start`) until
+  stopped (SIGINT / SIGTERM)."""
+  server, sock = start(config)
+  server.run(sockets=[sock])

@@ -49,8 +49,15 @@ def load_retriever_config(path, *, context_with_title=False):
   None when absent), which `context_with_title` (blocks read as
   `title: text`) needs. Relative paths in the file are taken relative to the
   file's directory.
+
+  A config of the one key `index_root` points at an index root
+  (refresh_index.py's): it reads as the config of the version the root's
+  `CURRENT` names, with `index_root`, `index_name` (the version's name) and
+  `scann_index_dir` (the version's ScaNN index, or None) added.
   """
   config = utils.read_json(path, "retriever config")
+  if isinstance(config, dict) and INDEX_ROOT_KEY in config:
+    return _load_index_root_config(path, config, context_with_title)
   all_keys = {**_RETRIEVER_CONFIG_KEYS, **_RETRIEVER_CONFIG_OPTIONAL_KEYS}
   if not isinstance(config, dict):
     raise utils.UserError(f"{path}: expected a JSON object with keys "
@@ -85,6 +92,70 @@ def load_retriever_config(path, *, context_with_title=False):
                         _resolve_beside(title_records, path)),
       "num_block_records": config["num_block_records"],
   }
+
+
+# ---------------------------------------------------------------------------
+# Index roots: versions of the block embeddings, the served one named by a
+# pointer file (refresh_index.py writes them)
+# ---------------------------------------------------------------------------
+
+INDEX_ROOT_KEY = "index_root"
+# The file of an index root naming its served version, replaced atomically.
+INDEX_POINTER_NAME = "CURRENT"
+INDEX_VERSIONS_DIR = "versions"
+# In a version's directory: a plain retriever config (its embedder beside
+# it, the block embeddings in the embedder's encoded/) and the optional
+# ScaNN index.
+VERSION_CONFIG_NAME = "retriever_config.json"
+VERSION_SCANN_DIR = "scann"
+
+
+def index_version_dir(index_root, name):
+  return os.path.join(index_root, INDEX_VERSIONS_DIR, name)
+
+
+def current_index_name(index_root):
+  """The version `index_root`'s pointer names, checked to be a finished one."""
+  pointer = os.path.join(index_root, INDEX_POINTER_NAME)
+  if not tf.io.gfile.exists(pointer):
+    raise utils.UserError(
+        f"{index_root}: no {INDEX_POINTER_NAME}, expected an index root that "
+        "refresh_index.py has written a version into")
+  with tf.io.gfile.GFile(pointer) as f:
+    name = f.read().strip()
+  version_config = os.path.join(index_version_dir(index_root, name),
+                                VERSION_CONFIG_NAME)
+  if not name or "/" in name or not tf.io.gfile.exists(version_config):
+    raise utils.UserError(
+        f"{pointer}: names version {name!r}, but there is no "
+        f"{version_config}, expected a finished version of the index")
+  return name
+
+
+def _load_index_root_config(path, config, context_with_title):
+  """`load_retriever_config` of a config {"index_root": ...}."""
+  root = config[INDEX_ROOT_KEY]
+  if set(config) != {INDEX_ROOT_KEY} or not isinstance(root, str):
+    raise utils.UserError(
+        f"{path}: an index root config holds one key, {INDEX_ROOT_KEY} (a "
+        f"path), not {', '.join(sorted(config))}")
+  root = _resolve_beside(root, path)
+  if "://" not in root:
+    root = os.path.normpath(root)
+  name = current_index_name(root)
+  version_dir = index_version_dir(root, name)
+  version_config_path = os.path.join(version_dir, VERSION_CONFIG_NAME)
+  if INDEX_ROOT_KEY in utils.read_json(version_config_path,
+                                       "retriever config"):
+    raise utils.UserError(f"{version_config_path}: a version's config names "
+                          "its embedder and blocks, not another index root")
+  scann_dir = os.path.join(version_dir, VERSION_SCANN_DIR)
+  return dict(
+      load_retriever_config(version_config_path,
+                            context_with_title=context_with_title),
+      index_root=root, index_name=name,
+      scann_index_dir=(scann_dir if tf.io.gfile.exists(os.path.join(
+          scann_dir, _SCANN_CONFIG_NAME)) else None))
 
 
 _BLOCK_EMB_NAMES = ("block_emb", "block_emb/.ATTRIBUTES/VARIABLE_VALUE")
@@ -454,7 +525,8 @@ class LiveRetriever:
     search: "exact" (brute force over every block) or "scann".
     scann_config: a dict from `load_scann_config` (search="scann").
     scann_index_dir: optional; a saved index is loaded from here, or the
-      index built is saved here.
+      index built is saved here. A config of an index root brings its
+      version's own (`load_retriever_config`), and refuses another.
     devices: where exact search runs, the blocks split over them (default:
       TF's placement).
     max_query_length: 0 (no cut, as ORQA) or the wordpieces kept per
@@ -471,6 +543,13 @@ class LiveRetriever:
     if search == "scann" and scann_config is None:
       raise utils.UserError("search=scann needs a ScaNN config "
                             "(--scann_config_path)")
+    if retriever_config.get(INDEX_ROOT_KEY):
+      if scann_index_dir:
+        raise utils.UserError(
+            f"--scann_index_dir={scann_index_dir}: the index root "
+            f"{retriever_config[INDEX_ROOT_KEY]} keeps the ScaNN index of "
+            "each version itself, expected no --scann_index_dir")
+      scann_index_dir = retriever_config["scann_index_dir"]
     self.num_blocks = retriever_config["num_block_records"]
     self.embedder = query_embedder.QueryEmbedder(
         retriever_config["query_embedder_path"], max_query_length)

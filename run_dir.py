@@ -4,7 +4,7 @@
                       name), "model_config": the model's whole GPT2Config,
                       "tokenizer": "tokenizer", "changes": [...]}
   RUN/tokenizer/      the tokenizer the run trained with
-  RUN/checkpoints/    model, optimizer, step and data iterator (workers of a
+  RUN/checkpoints/    model, optimizer, step and input position (workers of a
                       multi-worker job: checkpoints/worker-N/)
   RUN/train/, eval/   TensorBoard events
   RUN/metrics.jsonl   one line per logged step
@@ -74,8 +74,8 @@ def ablation_paths(run_dir):
 
 
 def checkpoint_dir(run_dir, worker_index=0):
-  """The chief's checkpoints; other workers save theirs (with their own data
-  iterator) beside it."""
+  """The chief's checkpoints; other workers save theirs (with their own input
+  position) beside it."""
   directory = os.path.join(run_dir, CHECKPOINT_DIR)
   if worker_index == 0:
     return directory
@@ -194,7 +194,7 @@ def restore_model(run_dir, model):
     raise utils.UserError(
         f"{run_dir}: no checkpoint in {CHECKPOINT_DIR}/ (train first)")
   _check_checkpoint_weights(checkpoint_path, model, run_dir)
-  # Partial: the optimizer and data iterator of the checkpoint stay unread.
+  # Partial: the optimizer and input position of the checkpoint stay unread.
   tf_utils.restore(tf.train.Checkpoint(model=model), checkpoint_path,
                    f"model of {path(run_dir, CONFIG_NAME)}", partial=True)
   return checkpoint_path, int(checkpoint_path.rsplit("-", 1)[-1])

@@ -44,6 +44,8 @@ ANSWER_HELPER = " Answer:"
 # Files read at once when interleaving shards; fixed (not AUTOTUNE) because
 # the order of the records depends on it, and runs must be reproducible.
 _INTERLEAVE_CYCLE = 4
+# Epoch e of a run seeded s shuffles with seed s * this + e.
+_EPOCH_SEED_STRIDE = 1_000_003
 
 
 # ---------------------------------------------------------------------------
@@ -434,43 +436,72 @@ def no_contexts():
 _plain = tf.autograph.experimental.do_not_convert
 
 
-def _serialized_records(files, config, *, training, input_context):
-  """(epoch, serialized record) pairs: this pipeline's share of the shards.
+def _pipeline_share(files, input_context):
+  """(this input pipeline's files, (pipelines, index) to shard each file's
+  records by, or None): by file when there are at least as many files as
+  pipelines (workers), otherwise by record. Either way a pipeline's records
+  are the same whatever the order the files are read in."""
+  pipelines = input_context.num_input_pipelines if input_context else 1
+  index = input_context.input_pipeline_id if input_context else 0
+  if pipelines > 1 and len(files) >= pipelines:
+    return files[index::pipelines], None
+  return files, ((pipelines, index) if pipelines > 1 else None)
 
-  Shards go to input pipelines (workers) by file when there are at least as
-  many files as pipelines, otherwise by record. Training repeats forever,
-  reading the files in a new seeded order every epoch, through a seeded
-  shuffle buffer (which mixes the end of an epoch with the next one's start).
-  Only stateless or seeded randomness: the iterator can be checkpointed.
+
+def _read_records(file_names, record_shard):
+  """The serialized records of `file_names` (a string tensor), interleaved in
+  a fixed order; of each file its `record_shard` (`_pipeline_share`)."""
+
+  def file_records(name):
+    records = tf.data.TFRecordDataset(name)
+    return records if record_shard is None else records.shard(*record_shard)
+
+  return tf.data.Dataset.from_tensor_slices(file_names).interleave(
+      _plain(file_records), cycle_length=_INTERLEAVE_CYCLE,
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _serialized_records(files, config, *, training, input_context,
+                        first_epoch=0):
+  """(epoch, serialized record) pairs: what this pipeline reads of the shards.
+
+  Training: this input pipeline's (worker's) share (`_pipeline_share`),
+  epochs `first_epoch`, `first_epoch` + 1, ... forever, each reading the
+  files in a new seeded order through its own seeded shuffle buffer, so an
+  epoch's stream is a function of the files, the seed and the epoch alone (a
+  resumed run starts at its epoch). Evaluation: the whole split once in file
+  order, whatever the pipeline (`batch_examples` shares its rows out).
   """
-  num_pipelines = input_context.num_input_pipelines if input_context else 1
-  pipeline_id = input_context.input_pipeline_id if input_context else 0
-  by_file = num_pipelines > 1 and len(files) >= num_pipelines
-  by_record = num_pipelines > 1 and not by_file
-  if by_file:
-    files = files[pipeline_id::num_pipelines]
+  if not training:
+    return _read_records(tf.constant(files), None).map(_plain(
+        lambda record: (tf.constant(0, tf.int64), record)))
+  files, record_shard = _pipeline_share(files, input_context)
   files = tf.constant(files)
 
   def one_epoch(epoch):
-    file_names = files
-    if training:
-      order = tf.argsort(tf.random.stateless_uniform(
-          tf.shape(files), tf.stack([tf.cast(config.seed, tf.int64), epoch])))
-      file_names = tf.gather(files, order)
-    records = tf.data.Dataset.from_tensor_slices(file_names).interleave(
-        tf.data.TFRecordDataset, cycle_length=_INTERLEAVE_CYCLE,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if by_record:
-      records = records.shard(num_pipelines, pipeline_id)
-    return records.map(_plain(lambda record: (epoch, record)))
+    order = tf.argsort(tf.random.stateless_uniform(
+        tf.shape(files), tf.stack([tf.cast(config.seed, tf.int64), epoch])))
+    # No reshuffling per iteration: the random-context partner stream reads
+    # the epoch again, in the same order.
+    return _read_records(tf.gather(files, order), record_shard).map(_plain(
+        lambda record: (epoch, record))).shuffle(
+            config.shuffle_buffer_size,
+            seed=tf.cast(config.seed, tf.int64) * _EPOCH_SEED_STRIDE + epoch,
+            reshuffle_each_iteration=False)
 
-  if not training:
-    return one_epoch(tf.constant(0, tf.int64))
-  # One pass over an endless stream: reshuffling per iteration would only
-  # make the random-context partner stream differ from the main one.
-  return tf.data.Dataset.counter().flat_map(_plain(one_epoch)).shuffle(
-      config.shuffle_buffer_size, seed=config.seed,
-      reshuffle_each_iteration=False)
+  return tf.data.Dataset.counter(first_epoch).flat_map(_plain(one_epoch))
+
+
+def _examples_per_epoch(files, every_answer, input_context):
+  """The training examples an epoch of this pipeline holds (the same every
+  epoch), from the records' answer counts alone."""
+  files, record_shard = _pipeline_share(files, input_context)
+  counts = _read_records(tf.constant(files), record_shard).batch(1024).map(
+      _plain(neighbour_cache.answer_counts))
+  if not every_answer:
+    counts = counts.map(_plain(lambda count: tf.minimum(count, 1)))
+  return int(counts.reduce(tf.constant(0, tf.int64), _plain(
+      lambda total, count: total + tf.reduce_sum(count))))
 
 
 def _with_random_partners(examples, *, training):
@@ -571,7 +602,8 @@ def _pad_batch(features, batch_size):
 
 
 def make_dataset(files, config, layout, *, batch_size, training,
-                 input_context=None, batches_multiple=1, retrieval=None):
+                 input_context=None, skip_examples=0, number_examples=0,
+                 retrieval=None):
   """Batches of laid-out examples from cache shards.
 
   Args:
@@ -583,10 +615,15 @@ def make_dataset(files, config, layout, *, batch_size, training,
     training: repeat forever in a seeded order per epoch, drop the last
       partial batch; otherwise one pass in file order, the last batch padded
       with label-free rows.
-    input_context: a `tf.distribute.InputContext`, to read this worker's share.
-    batches_multiple: evaluation only: the number of batches is padded with
-      label-free batches to a multiple of this (the replicas fed by this
-      pipeline), so every replica gets a batch at every step.
+    input_context: a `tf.distribute.InputContext`: training reads this
+      pipeline's (worker's) share of the shards; evaluation shares the rows
+      out (`batch_examples`).
+    skip_examples: training only: the examples of this pipeline's stream
+      already read (a resumed run): the stream starts at their last epoch
+      (found from the records' answer counts), whose examples read are
+      dropped before they are laid out.
+    number_examples: evaluation only: score the first this many examples of
+      the split (answers, with `every_answer`); 0: all.
     retrieval: with `config.live_num_neighbours`, what retrieves the
       neighbours (`live_retrieval.open_retrieval`).
 
@@ -596,8 +633,14 @@ def make_dataset(files, config, layout, *, batch_size, training,
     `dropout_seed` (stateless, per example); in evaluation also int64
     [batch_size] `example_key` and `answer_index` (`make_example_fn`).
   """
+  first_epoch = 0
+  if training and skip_examples:
+    per_epoch = _examples_per_epoch(files, config.every_answer, input_context)
+    if per_epoch:
+      first_epoch, skip_examples = divmod(skip_examples, per_epoch)
   records = _serialized_records(files, config, training=training,
-                                input_context=input_context)
+                                input_context=input_context,
+                                first_epoch=first_epoch)
   if config.live_num_neighbours:
     examples = live_retrieval.with_live_neighbours(
         records, retrieval, config.live_num_neighbours, config.live_batch_size)
@@ -605,39 +648,69 @@ def make_dataset(files, config, layout, *, batch_size, training,
     examples = records.map(_plain(
         lambda epoch, record: (epoch, neighbour_cache.parse_example(record))),
         num_parallel_calls=tf.data.AUTOTUNE)
-  batches = batch_examples(examples, config, layout, batch_size=batch_size,
-                           training=training, batches_multiple=batches_multiple)
+  batches = batch_examples(
+      examples, config, layout, batch_size=batch_size, training=training,
+      input_context=input_context, skip_examples=skip_examples,
+      number_examples=number_examples)
   if config.live_num_neighbours:
     batches = batches.with_options(live_retrieval.pipeline_options())
   return batches
 
 
 def batch_examples(examples, config, layout, *, batch_size, training,
-                   batches_multiple=1):
+                   input_context=None, skip_examples=0, number_examples=0):
   """`make_dataset`'s batches from a dataset of (epoch, parsed example)
-  pairs (`neighbour_cache.parse_example`'s dicts), whatever their source."""
+  pairs (`neighbour_cache.parse_example`'s dicts), whatever their source.
+
+  Evaluation (`training` false) with an `input_context`: the per-replica
+  batches of all the replicas in sync, in order, are one global batch; the
+  number of batches is padded with label-free ones to a whole number of
+  global batches, so that every replica of every worker runs the same
+  number of steps, and this pipeline keeps its replicas' batches of each
+  global batch (pipeline i the i-th run of replicas, as
+  `distribute_datasets_from_function` numbers them). Every pipeline lays out
+  the same rows; each row is scored by exactly one replica.
+  """
   if config.approach == context_draw.Approach.RANDOM_CONTEXT:
     examples = _with_random_partners(examples, training=training)
   examples = _answer_examples(examples, config.every_answer)
+  if training and skip_examples:
+    examples = examples.skip(skip_examples)
+  if not training and number_examples:
+    examples = examples.take(number_examples)
   features = examples.map(make_example_fn(config, layout,
                                           with_key=not training),
                           num_parallel_calls=tf.data.AUTOTUNE)
-  if not training:
-    features = features.unbatch()
   if training:
-    batches = features.batch(batch_size, drop_remainder=True)
+    # Endless, and said so: tf.distribute then skips the per-step check,
+    # across workers, that every worker still has a batch.
+    batches = features.batch(batch_size, drop_remainder=True).apply(
+        tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY))
   else:
-    batches = features.batch(batch_size).map(_plain(
-        lambda batch: _pad_batch(batch, batch_size)))
-    if batches_multiple > 1:
-      batches = batches.batch(batches_multiple).map(_plain(
-          lambda group: _pad_batch(group, batches_multiple))).unbatch()
+    batches = _evaluation_batches(features.unbatch(), batch_size,
+                                  input_context)
   options = tf.data.Options()
   options.deterministic = True
-  # Sharding is done above, by file or by record, per input pipeline.
+  # Sharding is done here, by file, record or row, per input pipeline.
   options.experimental_distribute.auto_shard_policy = (
       tf.data.experimental.AutoShardPolicy.OFF)
   return batches.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _evaluation_batches(rows, batch_size, input_context):
+  """Padded per-replica batches of `rows`; with an `input_context`, this
+  pipeline's share of every global batch (`batch_examples`)."""
+  batches = rows.batch(batch_size).map(_plain(
+      lambda batch: _pad_batch(batch, batch_size)))
+  replicas = input_context.num_replicas_in_sync if input_context else 1
+  if replicas == 1:
+    return batches
+  local_replicas = replicas // input_context.num_input_pipelines
+  first = input_context.input_pipeline_id * local_replicas
+  return batches.batch(replicas).map(_plain(
+      lambda group: {name: value[first:first + local_replicas]
+                     for name, value in _pad_batch(group, replicas).items()}
+  )).unbatch()
 
 
 def format_sample(tokenizer, features):

@@ -3,7 +3,9 @@
 Knows about tf.distribute and Keras optimizers; knows nothing about ELI5.
 Every job builds its strategy the same way: `strategy_from_config` of a
 `StrategyConfig` (the flags `--distribute_mode`, `--devices`, `--tpu`,
-`--num_cpu_devices` and `--cluster_timeout_seconds` of every entry script).
+`--num_cpu_devices`, `--cluster_timeout_seconds`, `--cores_per_replica` and
+`--devices_per_replica` of every entry script). The last two give each
+replica several devices, for a model split over them (`placement.py`).
 """
 
 import contextlib
@@ -49,6 +51,16 @@ class StrategyConfig:
       "MultiWorkerMirroredStrategy: stop, with a one-line error naming the "
       "workers that do not answer, when the workers of TF_CONFIG have not "
       "all joined within this many seconds.")
+  cores_per_replica: int = settings.setting(
+      1,
+      "TPUStrategy: TPU cores per replica; > 1 splits the model's blocks "
+      "over them (model parallelism: consecutive blocks on consecutive "
+      "logical cores), with the TPU's cores / this many replicas.")
+  devices_per_replica: int = settings.setting(
+      1,
+      "MirroredStrategy: devices per replica; > 1 splits each replica's "
+      "model over that many consecutive devices of --devices (e.g. 4 GPUs "
+      "and 2: 2 replicas x 2 stages).")
 
 
 # ---------------------------------------------------------------------------
@@ -94,13 +106,13 @@ def _default_devices():
   return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
 
 
-def _tpu_strategy(tpu):
+def _tpu_strategy(tpu, cores_per_replica):
   found = ", ".join(d.name for d in tf.config.list_logical_devices())
   try:
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or "")
     if tpu not in (None, "", "local"):
       tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
+    topology = tf.tpu.experimental.initialize_tpu_system(resolver)
   except Exception as error:  # pylint: disable=broad-except
     # The resolver fails in many ways (no name, DNS, no TPU ops); all mean the
     # same to the user: there is no TPU to run on.
@@ -108,7 +120,44 @@ def _tpu_strategy(tpu):
     raise utils.UserError(
         f"--distribute_mode=TPUStrategy: no TPU reachable with --tpu={tpu!r} "
         f"({reason}); devices found: {found}") from None
-  return tf.distribute.TPUStrategy(resolver)
+  if cores_per_replica == 1:
+    return tf.distribute.TPUStrategy(resolver)
+  return tf.distribute.TPUStrategy(
+      resolver, experimental_device_assignment=tpu_device_assignment(
+          topology, cores_per_replica))
+
+
+def tpu_computation_shape(mesh_shape, cores_per_replica):
+  """The [x, y, z, core] block of the TPU mesh one replica takes: a chip's
+  cores first, then chips along x, y, z, so that a replica's cores are
+  neighbours. `cores_per_replica` divides the mesh's cores: each prime
+  factor of it then finds a side with room left."""
+  mesh_shape = [int(n) for n in mesh_shape]
+  shape = [1] * len(mesh_shape)
+  order = [len(mesh_shape) - 1] + list(range(len(mesh_shape) - 1))
+  remaining = cores_per_replica
+  while remaining > 1:
+    factor = next(f for f in range(2, remaining + 1) if remaining % f == 0)
+    dimension = next(d for d in order
+                     if mesh_shape[d] % (shape[d] * factor) == 0)
+    shape[dimension] *= factor
+    remaining //= factor
+  return shape
+
+
+def tpu_device_assignment(topology, cores_per_replica):
+  """A DeviceAssignment of `topology` (a tf.tpu.experimental.Topology) with
+  `cores_per_replica` logical cores per replica and as many replicas as fit."""
+  total = topology.num_tasks * topology.num_tpus_per_task
+  if cores_per_replica < 1 or total % cores_per_replica:
+    raise utils.UserError(
+        f"--cores_per_replica={cores_per_replica}: does not divide the TPU's "
+        f"{total} cores, expected a divisor of {total}")
+  return tf.tpu.experimental.DeviceAssignment.build(
+      topology,
+      computation_shape=tpu_computation_shape(topology.mesh_shape,
+                                              cores_per_replica),
+      num_replicas=total // cores_per_replica)
 
 
 def _tf_config_cluster():
@@ -191,7 +240,8 @@ def _multi_worker_strategy(cluster_timeout_seconds):
 
 
 def make_strategy(distribute_mode, *, devices=None, tpu=None,
-                  cluster_timeout_seconds=300.0):
+                  cluster_timeout_seconds=300.0, cores_per_replica=1,
+                  devices_per_replica=1):
   """The tf.distribute strategy named by `distribute_mode`.
 
   Args:
@@ -203,16 +253,26 @@ def make_strategy(distribute_mode, *, devices=None, tpu=None,
     cluster_timeout_seconds: MultiWorkerMirroredStrategy: the process ends
       with a one-line error (exit -9) when the workers of TF_CONFIG have not
       all joined within this time.
+    cores_per_replica: TPUStrategy: logical cores per replica (a device
+      assignment of that many cores per replica, `tpu_device_assignment`).
+    devices_per_replica: MirroredStrategy: consecutive devices per replica;
+      the strategy's replicas run on the first device of each group
+      (`replica_groups`), the model places its stages on the others.
   """
   if distribute_mode not in DISTRIBUTE_MODES:
     raise utils.UserError(
         f"--distribute_mode={distribute_mode!r} is not one of "
         f"{', '.join(DISTRIBUTE_MODES)}")
+  _check_devices_per_replica(distribute_mode, cores_per_replica,
+                             devices_per_replica)
   if distribute_mode == "TPUStrategy":
-    return _tpu_strategy(tpu)
+    return _tpu_strategy(tpu, cores_per_replica)
   if distribute_mode == "MultiWorkerMirroredStrategy":
     return _multi_worker_strategy(cluster_timeout_seconds)
   devices = check_devices(devices) if devices else _default_devices()
+  if devices_per_replica > 1:
+    devices = [group[0] for group in replica_groups(devices,
+                                                    devices_per_replica)]
   if distribute_mode == "OneDeviceStrategy":
     return tf.distribute.OneDeviceStrategy(devices[0])
   if all(tf.DeviceSpec.from_string(d).device_type == "CPU" for d in devices):
@@ -223,9 +283,20 @@ def make_strategy(distribute_mode, *, devices=None, tpu=None,
   return tf.distribute.MirroredStrategy(devices)
 
 
-def strategy_from_config(config):
+def strategy_from_config(config, *, splits_model=False):
   """The strategy a `StrategyConfig` asks for (call before any other op:
-  splitting the host CPU must come first)."""
+  splitting the host CPU must come first).
+
+  `splits_model`: the job places its model's stages over a replica's devices
+  (`placement.for_strategy`); any other job refuses --cores_per_replica and
+  --devices_per_replica rather than leave a replica's other devices idle.
+  """
+  for flag in ("cores_per_replica", "devices_per_replica"):
+    if not splits_model and getattr(config, flag) != 1:
+      raise utils.UserError(
+          f"--{flag}={getattr(config, flag)}: this job does not split a model "
+          "over a replica's devices (only main.py's train and evaluate "
+          "tasks do), expected 1")
   if config.num_cpu_devices < 1:
     raise utils.UserError(
         f"--num_cpu_devices={config.num_cpu_devices}: must be >= 1")
@@ -233,7 +304,48 @@ def strategy_from_config(config):
     split_host_cpu(config.num_cpu_devices)
   return make_strategy(
       config.distribute_mode, devices=config.devices, tpu=config.tpu,
-      cluster_timeout_seconds=config.cluster_timeout_seconds)
+      cluster_timeout_seconds=config.cluster_timeout_seconds,
+      cores_per_replica=config.cores_per_replica,
+      devices_per_replica=config.devices_per_replica)
+
+
+def _check_devices_per_replica(distribute_mode, cores_per_replica,
+                               devices_per_replica):
+  """One-line errors for a split of replicas the strategy cannot make."""
+  for flag, value, mode in (
+      ("--cores_per_replica", cores_per_replica, "TPUStrategy"),
+      ("--devices_per_replica", devices_per_replica, "MirroredStrategy")):
+    if not isinstance(value, int) or value < 1:
+      raise utils.UserError(f"{flag}={value!r}: expected an integer >= 1")
+    if value > 1 and distribute_mode != mode:
+      raise utils.UserError(
+          f"{flag}={value}: only --distribute_mode={mode} splits a replica "
+          f"over several devices this way, not {distribute_mode}"
+          + ("; on GPUs/CPUs use --devices_per_replica with "
+             "MirroredStrategy, or --model_devices for one replica"
+             if mode == "TPUStrategy" else
+             "; with one replica use --model_devices"))
+
+
+def replica_groups(devices, devices_per_replica):
+  """`devices` cut into consecutive groups of `devices_per_replica`: one
+  group per replica, one device per stage of its model."""
+  if len(devices) % devices_per_replica:
+    raise utils.UserError(
+        f"--devices_per_replica={devices_per_replica}: does not divide the "
+        f"{len(devices)} devices ({', '.join(devices)}), expected a divisor "
+        f"of {len(devices)} (each replica gets that many consecutive "
+        "devices)")
+  return tuple(tuple(devices[start:start + devices_per_replica])
+               for start in range(0, len(devices), devices_per_replica))
+
+
+def strategy_replica_groups(config):
+  """The device groups of a MirroredStrategy `StrategyConfig` with
+  `devices_per_replica` (the devices `strategy_from_config` used)."""
+  devices = check_devices(config.devices) if config.devices else (
+      _default_devices())
+  return replica_groups(devices, config.devices_per_replica)
 
 
 # ---------------------------------------------------------------------------
@@ -353,14 +465,15 @@ def make_train_step(strategy, loss_fn, variables, optimizer, *, clip_norm=None,
       be divisible by it.
     jit_compile: compile each replica's gradient computation with XLA. A
       UserError when the variables live on several devices of a replica (a
-      model split over devices): XLA compiles for one device.
+      model split over devices) but under TPUStrategy: XLA compiles for one
+      device, except a TPU computation over a replica's logical cores.
 
   Returns:
     A tf.function(distributed_batch) -> {"loss": mean loss per token,
     "grad_norm": global gradient norm before clipping, "num_tokens"}.
   """
   variables = list(variables)
-  if jit_compile:
+  if jit_compile and not isinstance(strategy, tf.distribute.TPUStrategy):
     _check_one_device(variables)
   replica_gradients = compile_replica_fn(
       _make_replica_gradients(loss_fn, variables, batch_split), jit_compile)
@@ -420,8 +533,9 @@ def _check_one_device(variables):
     raise utils.UserError(
         f"XLA (--experimental_compile): the variables to train live on "
         f"{len(devices)} devices ({', '.join(devices)}), expected one: XLA "
-        "compiles a replica's step for a single device; drop "
-        "--experimental_compile or --model_devices")
+        "compiles a replica's step for a single device (but on a TPU); drop "
+        "--experimental_compile, or the model split (--model_devices, "
+        "--devices_per_replica)")
 
 
 def _make_replica_gradients(loss_fn, variables, batch_split):

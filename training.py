@@ -31,6 +31,7 @@ import kilt_files
 import live_retrieval
 import modeling_tf_gpt2_model_par as modeling
 import neighbour_cache
+import placement as placement_lib
 import run_dir as run_directory
 import settings
 import task_specific
@@ -38,6 +39,11 @@ import tf_utils
 import utils
 
 setting = settings.setting
+
+# Device prefetch: each replica's next batches are copied to its device while
+# it computes (`distribute_datasets_from_function`).
+INPUT_OPTIONS = tf.distribute.InputOptions(
+    experimental_fetch_to_device=True, experimental_per_replica_buffer_size=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +90,8 @@ class TrainConfig:
       "Train on every answer of a question as its own example (default: the "
       "first answer only).")
   shuffle_buffer_size: int = setting(
-      1000, "Questions in the shuffle buffer (they are saved with each "
-      "checkpoint).")
+      1000, "Questions in each epoch's shuffle buffer (seeded per epoch: a "
+      "resumed run reads its last epoch again up to where it stopped).")
   batch_size: int = setting(
       8, "Global batch: examples per step over all replicas.")
   batch_split: int = setting(
@@ -111,7 +117,9 @@ class TrainConfig:
   batches_between_evals: int = setting(
       500, "Evaluate every this many steps; 0: never.")
   number_eval_batches: int = setting(
-      0, "Global batches per evaluation; 0: the whole split.")
+      0, "Evaluate the split's first this many global batches of examples "
+      "(--batch_size / --batch_split each; with --eval_stride, every window "
+      "of each); 0: the whole split.")
   conditions: tuple = setting(
       context_draw.DEFAULT_CONDITIONS,
       "--task=evaluate: the context conditions to score, some of "
@@ -149,7 +157,9 @@ class TrainConfig:
   model_devices: typing.Optional[list] = setting(
       None,
       "Model parallelism: place GPT-2's blocks over these devices (one "
-      "replica; --distribute_mode=OneDeviceStrategy).")
+      "replica; --distribute_mode=OneDeviceStrategy). Several replicas: "
+      "--devices_per_replica (MirroredStrategy) or --cores_per_replica "
+      "(TPUStrategy).")
   experimental_compile: bool = setting(
       False, "Compile each replica's train and eval computation with XLA "
       "(the all-reduce and the update stay outside).")
@@ -198,7 +208,8 @@ _FREE_ON_RESUME = frozenset({
     "checkpoint_every_steps", "checkpoint_every_minutes", "keep_checkpoints",
     "batch_split", "model_devices",
     "experimental_compile", "recompute", "distribute_mode", "devices", "tpu",
-    "num_cpu_devices", "cluster_timeout_seconds",
+    "num_cpu_devices", "cluster_timeout_seconds", "cores_per_replica",
+    "devices_per_replica",
     # Where the neighbours are retrieved, not which: the index version
     # recorded in config.json is checked instead.
     "retrieval_server", "retriever_config_path", "scann_index_dir",
@@ -237,11 +248,14 @@ def check_config(config):
     value = getattr(config, name)
     if not (math.isfinite(value) and value > 0):
       raise utils.UserError(f"--{name}={value}: expected a number > 0")
-  if config.experimental_compile and config.model_devices:
-    raise utils.UserError(
-        "--experimental_compile with --model_devices: XLA compiles a "
-        "replica's step for one device, --model_devices spreads it over "
-        "several; drop one")
+  for flag, split in (("--model_devices", config.model_devices),
+                      ("--devices_per_replica",
+                       config.strategy.devices_per_replica > 1)):
+    if config.experimental_compile and split:
+      raise utils.UserError(
+          f"--experimental_compile with {flag}: XLA compiles a replica's "
+          f"step for one device, {flag} spreads it over several (only a TPU "
+          "compiles over a replica's cores, --cores_per_replica); drop one")
   utils.check_output_path(config.output_dir, "--output_dir", directory=True)
   if config.output_dir and config.run_name:
     utils.check_output_path(config.run_dir, "--run_name", directory=True)
@@ -299,8 +313,12 @@ class Setup:
       tokenizer_flag = f"the tokenizer of {self.run_dir}"
     self.tokenizer = task_specific.load_tokenizer(tokenizer_key,
                                                   tokenizer_flag)
-    self.strategy = tf_utils.strategy_from_config(config.strategy)
+    self.strategy = tf_utils.strategy_from_config(config.strategy,
+                                                  splits_model=True)
     self.model_devices = None
+    # The stages of a replica over its devices (--devices_per_replica) or TPU
+    # cores (--cores_per_replica), made under the strategy's scope.
+    split = placement_lib.for_strategy(config.strategy, self.strategy)
     if config.model_devices:
       if not isinstance(self.strategy, tf.distribute.OneDeviceStrategy):
         raise utils.UserError(
@@ -309,7 +327,8 @@ class Setup:
       self.model_devices = tf_utils.check_devices(config.model_devices)
       # The blocks place their own variables and ops: no strategy scope.
       self.strategy = tf.distribute.get_strategy()
-    placement = dict(devices=self.model_devices,
+      split = self.model_devices
+    placement = dict(devices=split,
                      dtype="bfloat16" if config.bf16 else None,
                      seed=config.random_seed, recompute=config.recompute)
     with self.strategy.scope():
@@ -338,8 +357,6 @@ class Setup:
     self.num_replicas = self.strategy.num_replicas_in_sync
     self.num_workers, self.worker_index, self.is_chief = _workers(
         self.strategy)
-    # Set when an evaluation dataset is distributed (see eval_dataset).
-    self.eval_pipelines = 1
 
   def data_config(self, approach, temperature):
     """A pipeline's `DataConfig`: in a live_retrieval run, every approach
@@ -431,30 +448,30 @@ class Setup:
 
   def eval_dataset(self, data_config, split, number_batches,
                    examples_fn=None):
-    """Distributed evaluation batches; every worker reads the whole split,
-    or the (epoch, parsed example) pairs `examples_fn()` makes."""
+    """Distributed evaluation batches of the split's first `number_batches`
+    global batches of examples (0: all), or of the (epoch, parsed example)
+    pairs `examples_fn()` makes. Every worker lays out the same rows and
+    keeps its replicas' part of each global batch (`task_specific.
+    batch_examples`): each row is scored once, and every worker runs the
+    same number of steps."""
     per_replica = self.eval_batch_size // self.num_replicas
     files = self.files(split) if examples_fn is None else None
-    layout = self.layout
+    layout, retrieval = self.layout, self.retrieval
+    number_examples = number_batches * self.eval_batch_size
 
     def dataset_fn(input_context):
-      self.eval_pipelines = input_context.num_input_pipelines
-      replicas_here = input_context.num_replicas_in_sync // (
-          input_context.num_input_pipelines)
       if examples_fn is None:
-        dataset = task_specific.make_dataset(
+        return task_specific.make_dataset(
             files, data_config, layout, batch_size=per_replica,
-            training=False, batches_multiple=replicas_here,
-            retrieval=self.retrieval)
-      else:
-        dataset = task_specific.batch_examples(
-            examples_fn(), data_config, layout, batch_size=per_replica,
-            training=False, batches_multiple=replicas_here)
-      if number_batches:
-        dataset = dataset.take(number_batches * replicas_here)
-      return dataset
+            training=False, input_context=input_context,
+            number_examples=number_examples, retrieval=retrieval)
+      return task_specific.batch_examples(
+          examples_fn(), data_config, layout, batch_size=per_replica,
+          training=False, input_context=input_context,
+          number_examples=number_examples)
 
-    return self.strategy.distribute_datasets_from_function(dataset_fn)
+    return self.strategy.distribute_datasets_from_function(
+        dataset_fn, options=INPUT_OPTIONS)
 
   @property
   def eval_batch_size(self):
@@ -552,9 +569,6 @@ def make_eval_fn(setup):
       batch_loss, batch_tokens = eval_step(batch)
       loss_sum += float(batch_loss)
       num_tokens += float(batch_tokens)
-    # Every input pipeline (host) reads the whole split: count tokens once.
-    loss_sum /= setup.eval_pipelines
-    num_tokens /= setup.eval_pipelines
     if not num_tokens:
       logging.warning("%s: no answer tokens to score; the metrics are null",
                       description)
@@ -721,21 +735,25 @@ def _train(setup):
       warmup_steps=setup.config.warmup_steps, total_steps=max_steps)
 
   strategy, model = setup.strategy, setup.model
-  iterator, next_batch = _train_input(setup, train_files, train_config)
   with strategy.scope():
     optimizer = tf_utils.make_optimizer(
         setup.config.optimizer_type, schedule,
         weight_decay=setup.config.weight_decay)
     variables = model.trainable_variables
     optimizer.build(variables)
-  # A host variable, outside the strategy: only Python reads it.
+  # Host variables, outside the strategy: only Python reads them. The
+  # input's position is the examples each input pipeline (worker) has given
+  # the model; a resumed run's stream goes on from there (`_train_input`).
   step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+  examples_read = tf.Variable(0, dtype=tf.int64, trainable=False,
+                              name="examples_read")
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step,
-                                   iterator=iterator)
+                                   examples_read=examples_read)
   manager = tf_utils.make_checkpoint_manager(
       setup.checkpoint_dir, checkpoint,
       max_to_keep=setup.config.keep_checkpoints)
-  if tf_utils.restore_latest(manager, "model, optimizer and data iterator"):
+  if _restore_latest(manager, examples_read,
+                     setup.config.batch_size // setup.num_workers):
     logging.info("resumed from %s at step %d", manager.latest_checkpoint,
                  int(step))
   elif tf.io.gfile.exists(done_path):
@@ -744,6 +762,8 @@ def _train(setup):
         "no checkpoint, expected its checkpoints: restore them, or delete the "
         "run directory to train again from step 0")
   setup.write_run_config(run_config, changed_settings, int(step))
+  next_batch = _train_input(setup, train_files, train_config,
+                            int(examples_read))
   metrics.resume_at(int(step))
   if setup.is_chief and int(step):
     _drop_events_after(setup.run_dir, int(step))
@@ -784,6 +804,7 @@ def _train(setup):
             f"step {int(step) + 1}: the loss is {loss} (gradient norm "
             f"{grad_norm}); stopping. The last good checkpoint is {last_good}")
       step.assign_add(1)
+      examples_read.assign_add(setup.config.batch_size // setup.num_workers)
       progress.update(1)
       current = int(step)
       window_tokens += float(outputs["num_tokens"])
@@ -832,59 +853,80 @@ def _train(setup):
     writer.flush()
 
 
+def _restore_latest(manager, examples_read, examples_per_step):
+  """Restores the run's latest checkpoint; False when there is none.
+
+  A checkpoint written before checkpoints held the input's position holds
+  the tf.data iterator instead (not read): its position is then its step's
+  examples, `examples_per_step` a step.
+  """
+  path = manager.latest_checkpoint
+  if path is None:
+    return False
+  what = "model, optimizer and input position"
+  if _holds_position(path):
+    tf_utils.restore(manager.checkpoint, path, what)
+    return True
+  checkpoint = manager.checkpoint
+  tf_utils.restore(tf.train.Checkpoint(
+      model=checkpoint.model, optimizer=checkpoint.optimizer,
+      step=checkpoint.step), path, what, partial=True)
+  examples_read.assign(checkpoint.step * examples_per_step)
+  return True
+
+
+def _holds_position(path):
+  """Whether a checkpoint holds `examples_read`; an unreadable one counts as
+  holding it, for `tf_utils.restore` to say what is wrong with it."""
+  try:
+    names = [name for name, _ in tf.train.list_variables(path)]
+  except tf.errors.OpError:
+    return True
+  return any(name.startswith("examples_read/") for name in names)
+
+
 def _save_checkpoint(setup, manager, step):
-  """Saves a checkpoint, unless live retrieval has failed.
+  """Saves a checkpoint; then stops if live retrieval has failed.
 
-  The input pipeline's buffers, which a checkpoint holds, may then hold the
-  failed elements, and a run resumed from it would meet the failure again: a
-  checkpoint taken while retrieval failed is deleted, and the failure raised.
+  A checkpoint holds the input's position, not the pipeline's buffers: the
+  elements prefetched with a failed retrieval are not in it, and a run
+  resumed from it retrieves them again.
   """
-  retrieval = setup.retrieval
-  if retrieval is not None and retrieval.failure is not None:
-    raise retrieval.failure
-  path = manager.save(checkpoint_number=step)
-  if retrieval is not None and retrieval.failure is not None:
-    for name in tf.io.gfile.glob(f"{path}.*"):
-      tf.io.gfile.remove(name)
-    if not tf.io.gfile.glob(os.path.join(manager.directory, "ckpt-*.index")):
-      # It was the first: the run starts again from step 0.
-      tf.io.gfile.remove(os.path.join(manager.directory, "checkpoint"))
-    raise retrieval.failure
+  manager.save(checkpoint_number=step)
+  if setup.retrieval is not None and setup.retrieval.failure is not None:
+    raise setup.retrieval.failure
 
 
-def _train_input(setup, files, data_config):
-  """(this worker's tf.data iterator, a function giving the next global batch).
+def _train_input(setup, files, data_config, examples_read):
+  """() -> the next distributed training batch, `examples_read` examples of
+  each input pipeline's stream on (a resumed run's position).
 
-  The iterator is a plain tf.data one, so a checkpoint holds its state
-  (tf.distribute's own distributed iterators cannot be checkpointed); each
-  worker's batch is sliced into its replicas' batches in order, so the global
-  batch is the same whatever the number of replicas.
+  Through `distribute_datasets_from_function`: each worker reads its share of
+  the shards (by its `InputContext`) in per-replica batches, which its
+  replicas take in turn, so a global batch is the same whatever the number
+  of replicas of a worker. TensorFlow's distributed iterators cannot be
+  checkpointed (`tf.train.Checkpoint` refuses them; the batches prefetched
+  to the devices are no iterator state): a resumed run starts the stream,
+  deterministic in the seed, at the epoch it stopped in, and drops that
+  epoch's examples already read before they are laid out
+  (`task_specific.make_dataset`'s `skip_examples`).
   """
-  strategy = setup.strategy
   per_replica = setup.config.batch_size // setup.num_replicas
-  local_replicas = setup.num_replicas // setup.num_workers
-  input_context = tf.distribute.InputContext(
-      num_input_pipelines=setup.num_workers,
-      input_pipeline_id=setup.worker_index,
-      num_replicas_in_sync=setup.num_replicas)
-  iterator = iter(task_specific.make_dataset(
-      files, data_config, setup.layout, batch_size=per_replica * local_replicas,
-      training=True, input_context=input_context, retrieval=setup.retrieval))
-  first_replica = setup.worker_index * local_replicas
+
+  def dataset_fn(input_context):
+    return task_specific.make_dataset(
+        files, data_config, setup.layout, batch_size=per_replica,
+        training=True, input_context=input_context,
+        skip_examples=examples_read, retrieval=setup.retrieval)
+
+  iterator = iter(setup.strategy.distribute_datasets_from_function(
+      dataset_fn, options=INPUT_OPTIONS))
 
   def next_batch():
     with neighbour_cache.reading_shards(setup.cache_dir, files, "train"):
-      batch = next(iterator)
+      return next(iterator)
 
-    def replica_batch(context):
-      start = (context.replica_id_in_sync_group - first_replica) * per_replica
-      return {name: value[start:start + per_replica]
-              for name, value in batch.items()}
-
-    return strategy.experimental_distribute_values_from_function(
-        replica_batch)
-
-  return iterator, next_batch
+  return next_batch
 
 
 def _summary_writers(setup):

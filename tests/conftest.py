@@ -20,12 +20,18 @@ LOGICAL_CPUS = tf_utils.split_host_cpu(NUM_LOGICAL_CPUS)
 # once, except the modules below, whose tests share no costly fixture and
 # are each long: each of their tests is a scope, spread over both processes.
 LONGEST_MODULES_FIRST = (
-    "test_main.py", "test_xla_strategies.py", "test_training.py", "test_generation.py",
+    "test_live_retrieval.py", "test_main.py", "test_xla_strategies.py",
+    "test_benches.py", "test_memory_plan.py", "test_training.py",
+    "test_distributed_input.py", "test_retrieval_service.py",
+    "test_evaluation_grid.py", "test_generation.py", "test_placement.py",
+    "test_index_refresh.py", "test_train_retriever.py",
     "test_retrieval_utils.py", "test_kilt_metrics.py", "test_query_cacher.py",
     "test_export_hf.py", "test_notebooks.py", "test_make_demo_data.py",
     "test_demo.py", "test_real_eli5.py", "test_tf_utils.py",
     "test_readme.py")
-MODULES_SPREAD_TEST_BY_TEST = ("test_main.py", "test_xla_strategies.py")
+MODULES_SPREAD_TEST_BY_TEST = ("test_main.py", "test_xla_strategies.py",
+                               "test_live_retrieval.py", "test_benches.py",
+                               "test_memory_plan.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,6 +1,6 @@
-"""A small Keras regression model, a fixed global batch, free local ports and
-a one-step multi-worker run, shared by the distribution tests and the
-multi-worker worker processes."""
+"""A small Keras regression model, a fixed global batch, free local ports,
+local multi-worker clusters and a one-step multi-worker run, shared by the
+distribution tests and the multi-worker worker processes."""
 
 import json
 import os
@@ -85,13 +85,11 @@ def free_ports(count):
   return ports
 
 
-def multi_worker_weights(output_dir, num_workers=2, jit_compile=False):
-  """Runs `train_one_step` under MultiWorkerMirroredStrategy in `num_workers`
-  local processes (multiworker_train_step.py); the chief's weights and loss."""
+def run_workers(command, num_workers=2, timeout=240):
+  """Runs `command` once per worker of a local MultiWorkerMirroredStrategy
+  cluster on 127.0.0.1 (each process its TF_CONFIG); asserts that every
+  worker exits 0."""
   workers = [f"127.0.0.1:{port}" for port in free_ports(num_workers)]
-  output = os.path.join(output_dir, "chief_weights.npz")
-  command = [sys.executable, os.path.join(TESTS, "multiworker_train_step.py"),
-             output] + (["--jit_compile"] if jit_compile else [])
   processes = []
   for index in range(num_workers):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS]),
@@ -101,9 +99,18 @@ def multi_worker_weights(output_dir, num_workers=2, jit_compile=False):
     processes.append(subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True))
-  logs = [p.communicate(timeout=240)[0] for p in processes]
+  logs = [p.communicate(timeout=timeout)[0] for p in processes]
   for process, log in zip(processes, logs):
     assert process.returncode == 0, log[-3000:]
+
+
+def multi_worker_weights(output_dir, num_workers=2, jit_compile=False):
+  """Runs `train_one_step` under MultiWorkerMirroredStrategy in `num_workers`
+  local processes (multiworker_train_step.py); the chief's weights and loss."""
+  output = os.path.join(output_dir, "chief_weights.npz")
+  run_workers([sys.executable, os.path.join(TESTS, "multiworker_train_step.py"),
+               output] + (["--jit_compile"] if jit_compile else []),
+              num_workers)
   saved = np.load(output)
   weights = [saved[f"arr_{i}"] for i in range(len(saved.files) - 1)]
   return weights, float(saved["loss"])

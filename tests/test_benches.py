@@ -177,3 +177,21 @@ def test_bench_input_pipeline_quick_on_a_tiny_world(tmp_path):
   results = json.loads(output.read_text())
   assert results["ratio"] > 0 and results["precision"] == "float32"
   _assert_flagged_if_loaded(stdout, results["load"], "input pipeline")
+
+
+@pytest.mark.slow
+def test_bench_grad_cache_quick_prints_memory_and_throughput(tmp_path):
+  output = tmp_path / "grad_cache.json"
+  stdout = _run_bench("bench_grad_cache.py", "--quick",
+                      f"--output_path={output}")
+  results = json.loads(output.read_text())
+  assert [row["batch_size"] for row in results["rows"]] == [8, 16]
+  for row in results["rows"]:
+    for side in ("plain", "cached"):
+      assert row[side]["peak_bytes"] > 0
+      assert row[side]["examples_per_second"] > 0
+    assert row["memory_ratio"] > 0 and row["time_ratio"] > 0
+    _assert_flagged_if_loaded(stdout, row["load"],
+                              f"batch {row['batch_size']:>5}:")
+  assert "peak memory plain" in stdout
+  assert set(results["matmul_peaks"]) == {"float32", "bfloat16"}

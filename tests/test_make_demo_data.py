@@ -190,7 +190,7 @@ def test_embedder_has_the_realm_signatures_and_matches_block_emb(world_dir):
   wordpieces = query_embedder.QueryEmbedder(
       config["query_embedder_path"]).wordpieces
   blocks = list(zip(_titles(config), _blocks(config)))
-  features = demo_world.block_features(wordpieces, blocks)
+  features = query_embedder.block_features(wordpieces, blocks)
   first = features["input_ids"][0, :features["input_mask"][0].sum()]
   assert (first == wordpieces.sep_id).sum() == 2
   assert first[0] == wordpieces.cls_id and first[-1] == wordpieces.sep_id
@@ -228,6 +228,32 @@ def test_query_tokenisation_matches_bert_tokenizer_and_recall_is_high(
   assert recall >= 0.9
   reported = utils.read_json(os.path.join(world_dir, "world.json"))
   assert reported["recall_at_5"] >= 0.9
+
+
+def test_the_spelled_out_split_defeats_the_toy_embedder(world_dir,
+                                                        tmp_path):
+  """util_scripts/spelled_out_split.py's split: the same questions, their
+  entity names spelled out by wordpieces; recall of the gold block falls."""
+  written = demo_world.write_spelled_out_split(world_dir, str(tmp_path))
+  config = _retriever_config(world_dir)
+  embedder = query_embedder.QueryEmbedder(config["query_embedder_path"])
+  records, spelled = _kilt(world_dir, "validation"), []
+  for _, record in kilt_files.read_jsonl(written["validation"], "split"):
+    spelled.append(record)
+  assert [r["id"] for r in spelled] == [r["id"] for r in records]
+  for original, record in zip(records, spelled):
+    title = original["output"][0]["provenance"][0]["title"]
+    assert title in original["input"] and title not in record["input"]
+    assert record["output"] == original["output"]
+  gold = [int(r["output"][0]["provenance"][0]["wikipedia_id"])
+          for r in records]
+  recall = {name: demo_world.recall_at_k(
+      embedder.embed([r["input"] for r in rows]), _block_emb(config), gold,
+      k=5) for name, rows in (("original", records), ("spelled", spelled))}
+  assert recall["spelled"] < recall["original"], recall
+  title_map = utils.read_json(written["title_map"])
+  assert all(r["output"][0]["provenance"][0]["title"] in title_map
+             for r in records)
 
 
 def test_embedder_still_loads_after_the_directory_is_copied(world_dir,

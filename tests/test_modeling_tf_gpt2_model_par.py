@@ -138,10 +138,11 @@ def test_mirrored_strategy_creates_mirrored_variables_and_runs():
 
 
 def test_bad_devices_are_refused():
-  with pytest.raises(utils.UserError, match="5 devices for 4 layers"):
+  with pytest.raises(utils.UserError,
+                     match="5 stages for a model of n_layer=4 layers"):
     gpt2.GPT2LMHeadModel.from_config(gpt2_fixtures.config(),
                                      devices=LOGICAL_CPUS + ["/cpu:0"])
-  with pytest.raises(utils.UserError, match="unknown device '/device:GPU:7'"):
+  with pytest.raises(utils.UserError, match="device '/device:GPU:7' not found"):
     gpt2.GPT2LMHeadModel.from_config(gpt2_fixtures.config(),
                                      devices=["/device:GPU:7"])
 

@@ -322,18 +322,64 @@ def test_evaluation_is_one_pass_in_file_order_and_reproducible(cache):
     np.testing.assert_array_equal(x["input_ids"], y["input_ids"])
 
 
-def test_input_pipelines_share_the_data(cache):
-  """Two workers (by file: 3 shards) read disjoint parts covering the split."""
+def test_training_pipelines_share_the_shards(cache):
+  """Two training workers (by file: 3 shards) read disjoint parts that cover
+  the split."""
   keys = []
   for pipeline in range(2):
     context = tf.distribute.InputContext(num_input_pipelines=2,
                                          input_pipeline_id=pipeline)
-    got = batches(cache, config(), split="validation", training=False,
-                  take=None, batch_size=1, input_context=context)
-    keys.append({prompt_key(b["input_ids"][0]) for b in got
-                 if b["label_mask"].sum()})
+    got = batches(cache, config(shuffle_buffer_size=1), take=8, batch_size=1,
+                  input_context=context)
+    keys.append({prompt_key(b["input_ids"][0]) for b in got})
   assert not keys[0] & keys[1]
-  assert len(keys[0] | keys[1]) == 9
+  # Shards of 10 records: one worker reads two of them, the other one.
+  assert len(keys[0]) == 8 and len(keys[1]) == 8
+
+
+def _evaluation_rows(cache, replicas, pipelines, number_examples=0):
+  """{pipeline: [(example key, answer index) of its labelled rows]} and each
+  pipeline's number of per-replica batches."""
+  directory, manifest, _ = cache
+  files = neighbour_cache.split_files(directory, manifest, "validation")
+  rows, counts = {}, {}
+  for pipeline in range(pipelines):
+    context = tf.distribute.InputContext(
+        num_input_pipelines=pipelines, input_pipeline_id=pipeline,
+        num_replicas_in_sync=replicas)
+    got = list(task_specific.make_dataset(
+        files, config(every_answer=True), LAYOUT, batch_size=2,
+        training=False, input_context=context,
+        number_examples=number_examples).as_numpy_iterator())
+    counts[pipeline] = len(got)
+    rows[pipeline] = [(key, index) for batch in got for key, index, labels in
+                      zip(batch["example_key"], batch["answer_index"],
+                          batch["label_mask"].sum(1)) if labels]
+  return rows, counts
+
+
+def test_evaluation_pipelines_share_the_rows_of_each_global_batch(cache):
+  """Every row of the requested set on exactly one replica, in global batch
+  order; every pipeline runs the same number of steps."""
+  _, _, records = cache
+  answers = sum(len(r["answer_ids"]) for r in records["validation"])
+  alone, alone_counts = _evaluation_rows(cache, replicas=1, pipelines=1)
+  assert len(alone[0]) == len(set(alone[0])) == answers
+  # 4 replicas over 2 pipelines: global batches of 4 x 2 rows, pipeline 0
+  # the first 4 of each, pipeline 1 the last 4.
+  shared, counts = _evaluation_rows(cache, replicas=4, pipelines=2)
+  assert counts[0] == counts[1] and counts[0] % 2 == 0
+  by_step = [alone[0][i:i + 8] for i in range(0, answers, 8)]
+  assert shared[0] == [row for rows in by_step for row in rows[:4]]
+  assert shared[1] == [row for rows in by_step for row in rows[4:]]
+  # The first examples only: the same set, whatever the pipelines.
+  first, _ = _evaluation_rows(cache, replicas=1, pipelines=1,
+                              number_examples=5)
+  split, _ = _evaluation_rows(cache, replicas=2, pipelines=2,
+                              number_examples=5)
+  assert first[0] == alone[0][:5]
+  assert sorted(split[0] + split[1]) == sorted(first[0])
+  assert not set(split[0]) & set(split[1])
 
 
 def test_epochs_reshuffle_and_every_example_is_seen(cache):
@@ -345,24 +391,25 @@ def test_epochs_reshuffle_and_every_example_is_seen(cache):
   assert keys[:30] != keys[30:60]
 
 
-def test_resumed_iterator_sees_the_same_contexts(cache, tmp_path):
-  """Acceptance 4: a restored iterator yields what an uninterrupted one would."""
+def test_a_resumed_stream_skips_to_the_examples_an_uninterrupted_one_reads(
+    cache):
+  """Acceptance 4 (issue 14: by position, not a checkpointed iterator): the
+  stream from 36 examples on is the uninterrupted stream's from batch 9,
+  contexts and random-context partners included, in a later epoch (30
+  questions, 60 answers) and within the first."""
   directory, manifest, _ = cache
+  files = neighbour_cache.split_files(directory, manifest, "train")
 
-  def dataset():
-    return task_specific.make_dataset(
-        neighbour_cache.split_files(directory, manifest, "train"),
-        config("random_context"), LAYOUT, batch_size=4, training=True)
+  def stream(data_config, skip_examples, batches):
+    return [b["input_ids"].numpy() for b in task_specific.make_dataset(
+        files, data_config, LAYOUT, batch_size=4, training=True,
+        skip_examples=skip_examples).take(batches)]
 
-  uninterrupted = [b["input_ids"].numpy() for b in dataset().take(12)]
-  iterator = iter(dataset())
-  for _ in range(5):
-    next(iterator)
-  path = tf.train.Checkpoint(iterator=iterator).save(str(tmp_path / "it"))
-  resumed = iter(dataset())
-  tf.train.Checkpoint(iterator=resumed).restore(path)
-  for expected in uninterrupted[5:]:
-    np.testing.assert_array_equal(next(resumed)["input_ids"].numpy(), expected)
+  for data_config in (config("random_context"),
+                      config(every_answer=True)):
+    uninterrupted = stream(data_config, 0, 14)
+    for got, expected in zip(stream(data_config, 36, 5), uninterrupted[9:]):
+      np.testing.assert_array_equal(got, expected, err_msg=str(data_config))
 
 
 def test_check_data_config(cache):

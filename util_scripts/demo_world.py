@@ -22,6 +22,7 @@ import transformers
 
 import evaluation
 import kilt_files
+import kilt_metrics
 import query_embedder
 import retrievers
 import tf_utils
@@ -36,8 +37,6 @@ EMBEDDING_SIZE = 128
 # vanishes in a softmax at retrieval temperature 1; at norm 4 the gap is ~3
 # nats, so sampling contexts at temperature 1 mostly draws the gold block first.
 EMBEDDING_NORM = 4.0
-# ORQA's candidate length (encode_blocks.py); queries are not cut.
-BLOCK_MAX_LENGTH = 288
 DO_LOWER_CASE = True
 GPT2_SPECIAL_TOKEN = "<|endoftext|>"
 # What a TF1 Hub export writes as tfhub_module.pb: a ModuleDef of format 3.
@@ -261,25 +260,6 @@ def wordpiece_vocabulary():
   return specials + punctuation + words + continuations
 
 
-def block_features(wordpieces, blocks, max_length=BLOCK_MAX_LENGTH):
-  """REALM candidate inputs of (title, text) pairs, as ORQA's encode_blocks.py.
-
-  `[CLS] title [SEP] text [SEP]`, segment ids 0 then 1, the title cut to
-  `max_length - 3` wordpieces and the text to what is left
-  (`bert_utils.pad_or_truncate_pair`); zero-padded to the longest.
-  """
-  title_ids = wordpieces.ids(title for title, _ in blocks)
-  text_ids = wordpieces.ids(text for _, text in blocks)
-  sequences, segment_ids = [], []
-  for title, text in zip(title_ids, text_ids):
-    title = title[:max_length - 3]
-    text = text[:max_length - 3 - len(title)]
-    sequences.append([wordpieces.cls_id] + title + [wordpieces.sep_id] + text +
-                     [wordpieces.sep_id])
-    segment_ids.append([0] * (len(title) + 2) + [1] * (len(text) + 1))
-  return query_embedder.pad_features(sequences, segment_ids)
-
-
 def _projected(input_ids, input_mask, token_weights, projection):
   """The toy embedder: a weighted bag of wordpieces, projected, at norm 4."""
   weights = (tf.gather(token_weights, input_ids) *
@@ -321,7 +301,7 @@ def export_embedder(embedder_dir, vocab_file, token_weights, projection,
     projected(input_ids, input_mask, segment_ids) -> {"default": [B, 128]}
     tokenization_info() -> {"vocab_file", "do_lower_case"}
   The block embeddings are the module's graph run over `blocks_in`
-  (`block_features`), as ORQA's encode_blocks.py runs its embedder.
+  (`query_embedder.block_features`), as ORQA's encode_blocks.py runs its embedder.
   """
   with tf.Graph().as_default() as graph, tf.compat.v1.Session(
       graph=graph) as session:
@@ -413,7 +393,7 @@ def embed(projected, features, batch_size=_EMBED_BATCH_SIZE, desc=None):
   Args:
     projected: fn({input_ids, input_mask, segment_ids: int32 arrays}) ->
       float32 [B, 128] array.
-    features: the whole inputs (`block_features`).
+    features: the whole inputs (`query_embedder.block_features`).
   """
   num_rows = features["input_ids"].shape[0]
   outputs = []
@@ -493,6 +473,53 @@ def _check_sizes(sizes, gpt2_vocab_size):
         f"--gpt2_vocab_size={gpt2_vocab_size}: expected at least 300")
 
 
+def spelled_out_names(wordpieces, names):
+  """{name: the name with each word spelled out by its wordpieces, hyphened}
+  ("Brakunda Society" -> "bra-kun-da Society")."""
+  words = sorted({word for name in names for word in name.split()})
+  spelled = {}
+  for word, ids in zip(words, wordpieces.ids(words)):
+    pieces = [piece.removeprefix("##") for piece in wordpieces.pieces(ids)]
+    spelled[word] = "-".join(pieces) if len(pieces) > 1 else word
+  return {name: " ".join(spelled[word] for word in name.split())
+          for name in names}
+
+
+def write_spelled_out_split(world_dir, output_dir):
+  """A split of the world's questions that its toy embedder handles poorly
+  (for retriever training): each question's entity name, its gold block's
+  title, spelled out (`spelled_out_names`), so that its wordpieces are
+  word-initial pieces where the block has continuations (`##kun`), which the
+  bag of wordpieces projects to unrelated vectors.
+
+  Writes OUTPUT/train.jsonl and OUTPUT/validation.jsonl (KILT lines, the
+  provenance kept) and OUTPUT/title_map.json (the knowledge source's title
+  -> wikipedia_id); returns their paths.
+  """
+  paths = world_paths(world_dir)
+  wordpieces = query_embedder.QueryEmbedder(paths["embedder"]).wordpieces
+  utils.makedirs(output_dir)
+  written = {}
+  for split in ("train", "validation"):
+    source = os.path.join(paths["kilt_dir"], kilt_files.ELI5_SPLIT_FILES[split])
+    records = [record for _, record in kilt_files.read_jsonl(source,
+                                                             "KILT file")]
+    titles = [record["output"][0]["provenance"][0]["title"]
+              for record in records]
+    spelled = spelled_out_names(wordpieces, set(titles))
+    lines = []
+    for record, title in zip(records, titles):
+      record["input"] = record["input"].replace(title, spelled[title])
+      lines.append(json.dumps(record) + "\n")
+    written[split] = os.path.join(output_dir, f"{split}.jsonl")
+    utils.atomic_write_text(written[split], "".join(lines))
+  title_map, _ = kilt_metrics.title_map_from_knowledge_source(
+      paths["knowledge_source"])
+  written["title_map"] = os.path.join(output_dir, "title_map.json")
+  utils.atomic_write_json(written["title_map"], title_map)
+  return written
+
+
 def world_paths(output_dir):
   """{name: path} of the world's files under `output_dir` (world.json's
   `paths`)."""
@@ -566,7 +593,7 @@ def build_world(output_dir, *, seed=0,
     vocabulary = wordpiece_vocabulary()
     with open(vocab_file, "w", encoding="utf-8") as f:
       f.write("".join(piece + "\n" for piece in vocabulary))
-    blocks_in = block_features(
+    blocks_in = query_embedder.block_features(
         query_embedder.Wordpieces(vocab_file, DO_LOWER_CASE), blocks)
     idf = inverse_document_frequencies(blocks_in["input_ids"],
                                        blocks_in["input_mask"], len(vocabulary))
