@@ -259,54 +259,11 @@ def test_orqa_bert_gives_transformers_bert_embeddings(bert):
   assert all(gradient is not None for gradient in gradients)
 
 
-def _export_tf1_module(module_dir, values, vocab_file, forward):
-  """Writes `values` as a TF1 Hub module whose `projected` is `forward`.
-
-  demo_world.export_embedder's layout: the variables under their names, tag
-  sets {"train"} and {}.
-  """
-  with tf.Graph().as_default() as graph, tf.compat.v1.Session(
-      graph=graph) as session:
-    inputs = {name: tf.compat.v1.placeholder(tf.int32, [None, None], name=name)
-              for name in ("input_ids", "input_mask", "segment_ids")}
-    variables = {name: tf.compat.v1.get_variable(
-        name, value.shape, tf.float32, tf.compat.v1.zeros_initializer(),
-        use_resource=True) for name, value in values.items()}
-    default = forward(variables, inputs["input_ids"], inputs["input_mask"],
-                      inputs["segment_ids"])
-    vocab_path = tf.constant(vocab_file, name="vocab_file")
-    tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.ASSET_FILEPATHS,
-                                   vocab_path)
-    build_info = tf.compat.v1.saved_model.utils.build_tensor_info
-    signatures = {
-        "projected": tf.compat.v1.saved_model.build_signature_def(
-            inputs={name: build_info(tensor)
-                    for name, tensor in inputs.items()},
-            outputs={"default": build_info(default)}),
-        "tokenization_info": tf.compat.v1.saved_model.build_signature_def(
-            outputs={"vocab_file": build_info(vocab_path),
-                     "do_lower_case": build_info(tf.constant(True))}),
-    }
-    session.run([variable.initializer for variable in variables.values()], {
-        variable.initial_value: values[name]
-        for name, variable in variables.items()})
-    builder = tf.compat.v1.saved_model.Builder(module_dir)
-    saver = tf.compat.v1.train.Saver(sharded=True)
-    builder.add_meta_graph_and_variables(
-        session, ["train"], signature_def_map=signatures,
-        assets_collection=tf.compat.v1.get_collection(
-            tf.compat.v1.GraphKeys.ASSET_FILEPATHS), saver=saver)
-    builder.add_meta_graph([], signature_def_map=signatures, saver=saver)
-    builder.save()
-  with open(os.path.join(module_dir, "tfhub_module.pb"), "wb") as f:
-    f.write(demo_world.HUB_MODULE_DEF)
-
-
 def test_orqa_bert_module_loads_and_its_export_round_trips(bert, tmp_path):
   model, values, vocab_file = bert
   module_dir = str(tmp_path / "embedder")
   forward = realm_embedder._FORWARD["orqa_bert"]  # pylint: disable=protected-access
-  _export_tf1_module(module_dir, values, vocab_file, forward)
+  demo_world.export_tf1_module(module_dir, vocab_file, values, forward)
   embedder = realm_embedder.load(module_dir)
   assert embedder.architecture == "orqa_bert"
   assert set(embedder.weights) == set(values)
@@ -342,8 +299,9 @@ def test_a_module_with_tanh_gelu_is_read_as_such(bert, tmp_path):
   for variable in tanh_model.weights:
     variable.assign(values[_google_bert_name(variable)])
   module_dir = str(tmp_path / "embedder")
-  _export_tf1_module(module_dir, values, vocab_file,
-                     realm_embedder._FORWARD["orqa_bert_tanh_gelu"])  # pylint: disable=protected-access
+  demo_world.export_tf1_module(
+      module_dir, vocab_file, values,
+      realm_embedder._FORWARD["orqa_bert_tanh_gelu"])  # pylint: disable=protected-access
   embedder = realm_embedder.load(module_dir)
   assert embedder.architecture == "orqa_bert_tanh_gelu"
   features = _bert_block_features(embedder.wordpieces)

@@ -293,29 +293,43 @@ def _clear_asset_paths(saved_model_path):
 
 def export_embedder(embedder_dir, vocab_file, token_weights, projection,
                     blocks_in):
-  """Writes the toy embedder as a TF1 Hub module; returns the blocks' embeddings.
+  """Writes the toy embedder as a TF1 Hub module (`export_tf1_module`);
+  returns the embeddings of the blocks `blocks_in`
+  (`query_embedder.block_features`), as ORQA's encode_blocks.py runs its
+  embedder."""
+
+  def bag_of_wordpieces(variables, input_ids, input_mask, segment_ids):
+    del segment_ids  # A bag of wordpieces has no segments.
+    return _projected(input_ids, input_mask, variables["module/token_weights"],
+                      variables["module/projection"])
+
+  return export_tf1_module(
+      embedder_dir, vocab_file, {"module/token_weights": token_weights,
+                                 "module/projection": projection},
+      bag_of_wordpieces, blocks_in)
+
+
+def export_tf1_module(embedder_dir, vocab_file, values, forward,
+                      features=None):
+  """Writes a TF1 Hub module in REALM's layout; returns its embeddings of
+  `features` (None without).
 
   REALM's layout (`hub.Module.export`): `tfhub_module.pb`, `saved_model.pb`
-  with tag sets {"train"} and {}, `variables/`, `assets/vocab.txt`, and
-  signatures, as in REALM's embedder:
-    projected(input_ids, input_mask, segment_ids) -> {"default": [B, 128]}
+  with tag sets {"train"} and {}, `variables/` (`values`: {variable name:
+  array}), `assets/vocab.txt`, and signatures, as in REALM's embedder:
+    projected(input_ids, input_mask, segment_ids) -> {"default": [B, D]},
+      `forward(variables by name, input_ids, input_mask, segment_ids)`
     tokenization_info() -> {"vocab_file", "do_lower_case"}
-  The block embeddings are the module's graph run over `blocks_in`
-  (`query_embedder.block_features`), as ORQA's encode_blocks.py runs its embedder.
   """
   with tf.Graph().as_default() as graph, tf.compat.v1.Session(
       graph=graph) as session:
     inputs = {name: tf.compat.v1.placeholder(tf.int32, [None, None], name=name)
               for name in ("input_ids", "input_mask", "segment_ids")}
-    with tf.compat.v1.variable_scope("module"):
-      variables = [
-          tf.compat.v1.get_variable(name, value.shape, tf.float32,
-                                    tf.compat.v1.zeros_initializer(),
-                                    use_resource=True)
-          for name, value in (("token_weights", token_weights),
-                              ("projection", projection))]
-    # A bag of wordpieces has no segments.
-    default = _projected(inputs["input_ids"], inputs["input_mask"], *variables)
+    variables = {name: tf.compat.v1.get_variable(
+        name, value.shape, tf.float32, tf.compat.v1.zeros_initializer(),
+        use_resource=True) for name, value in values.items()}
+    default = forward(variables, inputs["input_ids"], inputs["input_mask"],
+                      inputs["segment_ids"])
     vocab_path = tf.constant(vocab_file, name="vocab_file")
     tf.compat.v1.add_to_collection(tf.compat.v1.GraphKeys.ASSET_FILEPATHS,
                                    vocab_path)
@@ -330,13 +344,13 @@ def export_embedder(embedder_dir, vocab_file, token_weights, projection,
                      "do_lower_case": build_info(tf.constant(DO_LOWER_CASE))}),
     }
     # Initialised by feeding their values, so the graph holds no copy of them.
-    session.run([variable.initializer for variable in variables], {
-        variable.initial_value: value for variable, value in zip(
-            variables, (token_weights, projection))})
-    block_embeddings = embed(
+    session.run([variable.initializer for variable in variables.values()], {
+        variable.initial_value: values[name]
+        for name, variable in variables.items()})
+    embeddings = None if features is None else embed(
         lambda batch: session.run(default, {inputs[name]: value
                                             for name, value in batch.items()}),
-        blocks_in, desc="blocks")
+        features, desc="blocks")
 
     builder = tf.compat.v1.saved_model.Builder(embedder_dir)
     # One saver for both tag sets: the builder would add one per meta graph.
@@ -355,7 +369,7 @@ def export_embedder(embedder_dir, vocab_file, token_weights, projection,
   _clear_asset_paths(os.path.join(embedder_dir, "saved_model.pb"))
   with open(os.path.join(embedder_dir, "tfhub_module.pb"), "wb") as f:
     f.write(HUB_MODULE_DEF)
-  return block_embeddings
+  return embeddings
 
 
 def inverse_document_frequencies(block_input_ids, block_mask, vocab_size):
