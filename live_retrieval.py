@@ -38,6 +38,8 @@ import utils
 
 setting = settings.setting
 
+# retrievers.SEARCH_KINDS, restated so that a job imports retrievers (and
+# tensorflow_text) only when it retrieves (`open_retrieval`).
 SEARCH_KINDS = ("exact", "scann")
 
 

@@ -73,13 +73,14 @@ class Wordpieces:
             for ids in self.ids(questions)]
 
 
-def pad_features(sequences, segment_ids=None):
-  """BERT inputs of id sequences: int32 [B, longest] `input_ids`, `input_mask`, `segment_ids`.
+def pad_features(sequences, segment_ids=None, length=None):
+  """BERT inputs of id sequences: int32 [B, length] `input_ids`, `input_mask`, `segment_ids`.
 
-  Padding is id 0 with mask 0, as REALM pads; `segment_ids` (lists as long as
+  Padding is id 0 with mask 0, as REALM pads, to `length` columns (at least
+  the longest sequence) or to the longest; `segment_ids` (lists as long as
   the sequences) default to zeros.
   """
-  length = max((len(ids) for ids in sequences), default=0)
+  length = max([len(ids) for ids in sequences] + [length or 0])
   features = {name: np.zeros([len(sequences), length], np.int32)
               for name in ("input_ids", "input_mask", "segment_ids")}
   for row, ids in enumerate(sequences):

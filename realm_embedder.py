@@ -55,7 +55,6 @@ import math
 import os
 import re
 
-import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
@@ -472,21 +471,10 @@ def export(embedder, path):
 # ---------------------------------------------------------------------------
 
 
-def fixed_length_features(sequences, length, segment_ids=None):
-  """`query_embedder.pad_features` padded (or cut) to `length` columns."""
-  features = query_embedder.pad_features([ids[:length] for ids in sequences], [
-      ids[:length] for ids in segment_ids] if segment_ids else None)
-  for name, value in features.items():
-    padded = np.zeros([len(sequences), length], np.int32)
-    padded[:, :value.shape[1]] = value
-    features[name] = padded
-  return features
-
-
 def query_features(wordpieces, questions, max_length):
   """int32 [Q, max_length] features of `[CLS] q [SEP]`, cut to `max_length`."""
-  return fixed_length_features(wordpieces.query_ids(questions, max_length),
-                               max_length)
+  return query_embedder.pad_features(
+      wordpieces.query_ids(questions, max_length), length=max_length)
 
 
 def block_features(wordpieces, titles_and_texts,
@@ -494,4 +482,4 @@ def block_features(wordpieces, titles_and_texts,
   """int32 [N, max_length] features of the blocks (`block_sequences`)."""
   sequences, segment_ids = query_embedder.block_sequences(
       wordpieces, titles_and_texts, max_length)
-  return fixed_length_features(sequences, max_length, segment_ids)
+  return query_embedder.pad_features(sequences, segment_ids, length=max_length)

@@ -418,11 +418,8 @@ def _check_config(config):
                           "blocks are scored by their pages)")
   for name in ("max_steps", "batch_size", "checkpoint_every", "summary_every",
                "eval_batch_size"):
-    if getattr(config, name) < 1:
-      raise utils.UserError(f"--{name}={getattr(config, name)}: expected >= 1")
-  if config.num_hard_negatives < 0:
-    raise utils.UserError(
-        f"--num_hard_negatives={config.num_hard_negatives}: expected >= 0")
+    utils.check_at_least(name, getattr(config, name), 1)
+  utils.check_at_least("num_hard_negatives", config.num_hard_negatives, 0)
   if config.max_query_length < 2 or config.max_block_length < 3:
     raise utils.UserError(
         "--max_query_length must be >= 2 and --max_block_length >= 3 (room "

@@ -226,12 +226,6 @@ def _required(value, name):
   return value
 
 
-def _check_at_least(name, value, minimum):
-  if not (isinstance(value, (int, float)) and math.isfinite(value) and
-          value >= minimum):
-    raise utils.UserError(f"--{name}={value}: expected >= {minimum}")
-
-
 def check_config(config):
   """One-line errors for values that no cache or model can make right."""
   for name, minimum in (
@@ -242,8 +236,8 @@ def check_config(config):
       ("checkpoint_every_steps", 1), ("keep_checkpoints", 1),
       ("shuffle_buffer_size", 1), ("retrieval_bank_size", 0),
       ("eval_retrieval_temperature", 0)):
-    _check_at_least(name, getattr(config, name), minimum)
-  _check_at_least("sequence_length", config.layout.sequence_length, 0)
+    utils.check_at_least(name, getattr(config, name), minimum)
+  utils.check_at_least("sequence_length", config.layout.sequence_length, 0)
   for name in ("learning_rate", "checkpoint_every_minutes"):
     value = getattr(config, name)
     if not (math.isfinite(value) and value > 0):

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import functools
 import json
+import math
 import os
 import re
 import socket
@@ -41,6 +42,13 @@ def _exit_with(message):
   tqdm.tqdm.write(f"error: {message}", file=sys.stderr)
   sys.stderr.flush()
   sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def check_at_least(flag, value, minimum):
+  """A UserError naming --flag unless `value` is a finite number >= minimum."""
+  if not (isinstance(value, (int, float)) and math.isfinite(value) and
+          value >= minimum):
+    raise UserError(f"--{flag}={value}: expected >= {minimum}")
 
 
 def guarded(main, takes_arguments=False):
