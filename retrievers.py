@@ -417,6 +417,15 @@ def _scann_ops():
   return scann_ops_pybind
 
 
+def scann_batch_size(num_queries):
+  """Queries per ScaNN thread batch: even batches, one per core, at most 256.
+
+  ScaNN's threads take batches of 256 queries by default, so 300 queries on
+  2 cores would run as 256 + 44.
+  """
+  return max(1, min(256, -(-num_queries // (os.cpu_count() or 1))))
+
+
 class ScannSearcher:
   """Approximate inner-product search with ScaNN: partitions, AH scoring, reordering."""
 
@@ -459,12 +468,9 @@ class ScannSearcher:
           f"{k} neighbours asked for, but the ScaNN config reorders only "
           f"reordering_num_neighbors={reordering}")
     queries = np.asarray(queries, dtype=np.float32)
-    # ScaNN's threads take batches of 256 queries, so 300 on 2 cores would
-    # run as 256 + 44: even batches instead, one per core, at most 256.
-    batch_size = max(1, min(256, -(-len(queries) // (os.cpu_count() or 1))))
     block_ids, scores = self._searcher.search_batched_parallel(
         queries, final_num_neighbors=k, leaves_to_search=leaves_to_search,
-        batch_size=batch_size)
+        batch_size=scann_batch_size(len(queries)))
     if block_ids.shape[1] < k:
       raise utils.UserError(
           f"ScaNN found only {block_ids.shape[1]} of {k} neighbours; search "

@@ -237,9 +237,10 @@ def bench_scann_vs_ivfpq(database, queries, k, runs, exact, exact_qps,
   ivfpq.nprobe = matched["nprobe"]
 
   # ScaNN's parallel search hands its threads batches of 256 queries (its
-  # default): 300 queries on 2 cores run as 256 + 44. Even batches, one per
-  # core, show what splitting the queries evenly would gain.
-  even_batch = -(-len(queries) // (os.cpu_count() or 1))
+  # default): 300 queries on 2 cores run as 256 + 44. The wrapper's even
+  # batches, called raw, show what splitting the queries evenly gains; their
+  # neighbours are the wrapper's (ScaNN's kernels may differ by batch size).
+  even_batch = retrievers.scann_batch_size(len(queries))
   searches = {
       "scann": lambda: searcher.search(queries, k),
       "scann_raw": lambda: raw.search_batched_parallel(

@@ -154,8 +154,12 @@ def test_bench_retrieval_times_the_scann_wrapper_against_raw_scann(tmp_path):
       f"--scann_config_path={scann_config}", f"--output_path={output}")
   results = json.loads(output.read_text())
   approximate = results["approximate"]
-  # The same index, queries and k: the same neighbours.
-  assert approximate["scann"]["recall"] == approximate["scann_raw"]["recall"]
+  # The same index, queries, k and batches: the same neighbours. ScaNN's
+  # default batching may choose other kernels, so only nearly the same.
+  assert (approximate["scann"]["recall"] ==
+          approximate["scann_raw_even_batches"]["recall"])
+  assert approximate["scann"]["recall"] == pytest.approx(
+      approximate["scann_raw"]["recall"], abs=0.02)
   assert approximate["scann_wrapper_over_raw"] > 0
   assert "ScaNN wrapper / raw ScaNN" in stdout
   _assert_flagged_if_loaded(stdout, approximate["load"], "ScaNN wrapper")
