@@ -14,11 +14,19 @@ import logging
 import os
 import sys
 
-from absl import app
-from absl import flags
+# Before TensorFlow and transformers are imported (utils imports TensorFlow;
+# entry scripts import this module first): the entry scripts use
+# TensorFlow's GPT-2 and tf_keras only, so transformers need not import
+# PyTorch nor TensorFlow Keras 3, seconds of every start where they are
+# installed. A user's own setting wins.
+os.environ.setdefault("USE_TF", "1")
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-import settings
-import utils
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags  # pylint: disable=g-import-not-at-top
+
+import settings  # pylint: disable=g-import-not-at-top
+import utils  # pylint: disable=g-import-not-at-top
 
 
 def _defining_module_name():

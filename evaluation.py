@@ -338,7 +338,7 @@ def make_scoring_step(setup):
   """distributed batch -> every row's (answer NLL sum, answer tokens,
   example key, answer index), gathered from all replicas."""
 
-  @tf.function
+  @tf.function(autograph=False)
   def score_step(batch):
     def replica_fn(replica_batch):
       loss_sums, tokens = task_specific.answer_losses_per_row(

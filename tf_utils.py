@@ -494,7 +494,9 @@ def make_train_step(strategy, loss_fn, variables, optimizer, *, clip_norm=None,
     return {"loss": loss_sum / denominator, "grad_norm": grad_norm,
             "num_tokens": num_tokens}
 
-  @tf.function
+  # No autograph: the step has no data-dependent Python control flow, and
+  # converting it (and the optimizer) costs seconds of every run's start.
+  @tf.function(autograph=False)
   def train_step(distributed_batch):
     per_replica = strategy.run(replica_step, args=(distributed_batch,))
     # Every replica holds the same all-reduced values: take this host's first.
@@ -517,7 +519,7 @@ def compile_replica_fn(fn, jit_compile):
   """
   if not jit_compile:
     return fn
-  compiled = tf.function(fn, jit_compile=True)
+  compiled = tf.function(fn, jit_compile=True, autograph=False)
 
   def replica_fn(*args):
     return compiled(*args)
@@ -556,17 +558,20 @@ def _make_replica_gradients(loss_fn, variables, batch_split):
     if batch_split == 1:
       return micro_batch_gradients(batch)
     micro_batches = _split_micro_batches(batch, batch_split)
-    gradients = [tf.zeros_like(v) for v in variables]
-    loss_sum = tf.constant(0.0)
-    num_tokens = tf.constant(0.0)
-    # A while loop (not a Python loop) so micro-batches run one at a time.
-    for index in tf.range(batch_split):
-      micro_batch = tf.nest.map_structure(lambda t: t[index], micro_batches)  # pylint: disable=cell-var-from-loop
+
+    def accumulate(index, gradients, loss_sum, num_tokens):
+      micro_batch = tf.nest.map_structure(lambda t: t[index], micro_batches)
       micro_gradients, micro_loss, micro_tokens = micro_batch_gradients(
           micro_batch)
-      gradients = [a + g for a, g in zip(gradients, micro_gradients)]
-      loss_sum += micro_loss
-      num_tokens += micro_tokens
+      return (index + 1, [a + g for a, g in zip(gradients, micro_gradients)],
+              loss_sum + micro_loss, num_tokens + micro_tokens)
+
+    # A while loop (not a Python loop) so micro-batches run one at a time.
+    _, gradients, loss_sum, num_tokens = tf.while_loop(
+        lambda index, *_: index < batch_split, accumulate,
+        (tf.constant(0), [tf.zeros_like(v) for v in variables],
+         tf.constant(0.0), tf.constant(0.0)),
+        maximum_iterations=batch_split)
     return gradients, loss_sum, num_tokens
 
   return replica_gradients
@@ -710,7 +715,7 @@ def make_finiteness_check(variables):
   """
   floating = [v for v in variables if v.dtype.is_floating]
 
-  @tf.function
+  @tf.function(autograph=False)
   def finite_flags():
     return tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in floating])
 

@@ -539,7 +539,7 @@ def make_eval_step(setup):
           setup.model, batch, setup.layout.max_labels),
       setup.config.experimental_compile)
 
-  @tf.function
+  @tf.function(autograph=False)
   def eval_step(batch):
     per_replica = setup.strategy.run(replica_loss, args=(batch,))
     return [setup.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)

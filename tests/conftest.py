@@ -5,6 +5,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# transformers decides at import whether PyTorch is there: here, before a
+# test module's `import cli` turns it off for the process (cli.py's start-up
+# environment); the export test loads PyTorch GPT-2 in this process.
+import transformers.utils.import_utils  # pylint: disable=g-import-not-at-top,unused-import
 from xdist import scheduler  # pylint: disable=g-import-not-at-top
 
 import tf_utils  # pylint: disable=g-import-not-at-top
