@@ -42,6 +42,7 @@ def losses(tmp_path_factory):
   return curves
 
 
+@pytest.mark.slow
 def test_bf16_loss_curve_is_within_tolerance_of_float32(losses):
   fp32, bf16 = losses["float32"], losses["bfloat16"]
   assert len(fp32) == len(bf16) == NUM_STEPS

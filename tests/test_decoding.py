@@ -100,6 +100,7 @@ def greedy_tokens(ours):
                            pad_token_id=0)
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_generate(greedy_tokens):
   ids, mask = gpt2_fixtures.batch()
   hf_tokens = gpt2_fixtures.hf_model().generate(
@@ -189,6 +190,7 @@ def test_beam_search_with_every_prefix_kept_finds_the_best_sequence():
                                            [greedy.numpy()[0]])[0]
 
 
+@pytest.mark.slow
 def test_beam_search_matches_transformers_beams(ours):
   ids, mask = gpt2_fixtures.batch()
   ours_tokens = decoding.generate(
@@ -204,6 +206,7 @@ def test_beam_search_matches_transformers_beams(ours):
 # -- over replicas, and bad inputs --------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_replicas_decode_what_one_does():
   """make_batch_generator as generation.py runs it: each replica its rows."""
   strategy = tf.distribute.MirroredStrategy(LOGICAL_CPUS[:2])

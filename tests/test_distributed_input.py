@@ -76,6 +76,7 @@ def _replica_rows(strategy, batch, name):
           for value in strategy.experimental_local_results(batch[name])]
 
 
+@pytest.mark.slow
 def test_training_input_is_distributed_per_replica_and_resumes_by_position(
     world, tmp_path):
   setup, recorded = _setup(world, tmp_path, **TWO_REPLICAS)

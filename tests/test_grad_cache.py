@@ -117,6 +117,7 @@ def fixture_full_batch_step(module_embedder):
 @pytest.mark.parametrize("kind,cached", [
     ("one_device", True), ("mirrored_2_cpus", True),
     ("mirrored_2_cpus", False)])
+@pytest.mark.slow
 def test_update_equals_the_full_batch_update(kind, cached, module_embedder,
                                              full_batch_step):
   weights, losses = _one_step(_strategy(kind), module_embedder, cached=cached)

@@ -154,6 +154,7 @@ def test_a_live_run_trains_to_the_weights_of_a_cached_run(world, tmp_path):
     assert live_table[condition]["answer_ppl"] == row["answer_ppl"], condition
 
 
+@pytest.mark.slow
 def test_resuming_against_another_index_is_refused(world, tmp_path):
   run = _train(world, tmp_path, "live", approach_type="live_retrieval",
                **retrieval_values(world))
@@ -189,6 +190,7 @@ def _generate(output_path, **values):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_live_generation_equals_the_cached_one(world, tmp_path):
   run = _train(world, tmp_path, "cached")
   cached = _generate(tmp_path / "cached" / "out.jsonl", run_dir=run)

@@ -323,6 +323,7 @@ def _script(*arguments):
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
 
 
+@pytest.mark.slow
 def test_script_prints_the_table_and_the_stages_to_fit():
   result = _script("--config=gpt2-xl", "--seq=1024", "--micro_batch=1",
                    "--optimizer=adafactor", "--precision=bf16",
@@ -352,6 +353,7 @@ def test_report_bad_inputs_are_one_line(change, message):
   assert message in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_script_bad_input_is_one_line_and_exit_2():
   result = _script("--config=gpt2", "--stages=13")
   assert result.returncode == 2

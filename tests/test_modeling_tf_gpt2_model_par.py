@@ -68,6 +68,7 @@ def reference_grads(ours):
 
 
 @pytest.mark.parametrize("num_devices", [2, 4])
+@pytest.mark.slow
 def test_split_model_matches_single_device(ours, reference_grads,
                                            num_devices):
   split = gpt2_fixtures.our_model(devices=LOGICAL_CPUS[:num_devices])

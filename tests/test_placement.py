@@ -194,6 +194,7 @@ def test_logical_device_placement_compiles_with_xla_and_annotates_each_stage():
     assert annotations.get((device, True), 0) >= 2, annotations
 
 
+@pytest.mark.slow
 def test_logical_device_placement_trains_like_one_device_under_xla(
     one_device_weights):
   """8 XLA-compiled train steps (tf_utils.make_train_step, jit_compile) of the
@@ -213,6 +214,7 @@ def test_logical_device_placement_trains_like_one_device_under_xla(
 # -- GPUs/CPUs: replicas x stages under MirroredStrategy ------------------------
 
 
+@pytest.mark.slow
 def test_two_replicas_of_two_stages_train_like_one_device(one_device_weights):
   """4 logical CPUs as 2 replicas x 2 stages (--devices_per_replica=2:
   MirroredStrategy over CPU:0 and CPU:2): after 8 steps, the weights of one device on the global batch; each

@@ -617,6 +617,7 @@ def _validation_batches(cache_dir, tokenizer, approach):
           for batch in dataset]
 
 
+@pytest.mark.slow
 def test_naked_lm_reads_a_question_only_cache_and_cached_pretok_is_refused(
     world, cache_dir, question_cache_dir):
   tokenizer = task_specific.load_tokenizer(world["paths"]["tokenizer"])

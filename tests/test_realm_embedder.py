@@ -259,6 +259,7 @@ def test_orqa_bert_gives_transformers_bert_embeddings(bert):
   assert all(gradient is not None for gradient in gradients)
 
 
+@pytest.mark.slow
 def test_orqa_bert_module_loads_and_its_export_round_trips(bert, tmp_path):
   model, values, vocab_file = bert
   module_dir = str(tmp_path / "embedder")

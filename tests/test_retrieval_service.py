@@ -148,6 +148,7 @@ def post_json(url, payload):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_exact_retrieval_through_the_server_equals_local_and_the_cache(
     world, server, local, expected):
   client = remote(server, world)
@@ -317,6 +318,7 @@ def test_client_raises_a_refusal_at_once_without_retrying(world, server):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_concurrent_clients_each_get_their_own_answers(world, server,
                                                        expected):
   """8 threads x 200 requests through one client, each a random question
@@ -533,6 +535,7 @@ def test_a_bad_url_is_refused(world, url):
     retrieval_client.RemoteRetrieval(url, world["tokenizer"])
 
 
+@pytest.mark.slow
 def test_server_without_a_retriever_config_exits_with_one_line(world):
   result = subprocess.run(
       server_fixtures.server_command({"tokenizer": world["tokenizer_dir"]}),

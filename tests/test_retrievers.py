@@ -271,6 +271,7 @@ def test_live_retriever_checks_its_inputs(retriever_files, tmp_path):
     retrievers.LiveRetriever(dict(config, num_block_records=49), "exact")
 
 
+@pytest.mark.slow
 def test_imports_cost_what_they_use():
   # A fresh interpreter: this one has imported ScaNN and TF-Hub already.
   script = (

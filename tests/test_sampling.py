@@ -83,6 +83,7 @@ def draws_at_0_7():
   return draw_many(SCORES, num_samples=3, temperature=0.7)
 
 
+@pytest.mark.slow
 def test_draws_follow_plackett_luce(draws_at_0_7):
   assert draws_at_0_7.shape == (NUM_DRAWS, 3)
   check_against_plackett_luce(draws_at_0_7, SCORES, 0.7, 3)

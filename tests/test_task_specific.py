@@ -46,6 +46,7 @@ def random_layout(rng):
       context_helper_mode=str(rng.choice(task_specific.CONTEXT_HELPER_MODES)))
 
 
+@pytest.mark.slow
 def test_layout_on_many_generated_examples():
   """Acceptance 5: labels, length, masking and budget on 300 random examples."""
   rng = np.random.default_rng(0)
@@ -358,6 +359,7 @@ def _evaluation_rows(cache, replicas, pipelines, number_examples=0):
   return rows, counts
 
 
+@pytest.mark.slow
 def test_evaluation_pipelines_share_the_rows_of_each_global_batch(cache):
   """Every row of the requested set on exactly one replica, in global batch
   order; every pipeline runs the same number of steps."""

@@ -50,6 +50,7 @@ def _export_embeddings(export_path, questions):
   return query_embedder.QueryEmbedder(export_path).embed(questions)
 
 
+@pytest.mark.slow
 def test_training_evaluates_exports_and_resumes_to_the_same_result(
     world, tmp_path):
   questions = ["Who founded the Society of Life?", "when was it built"]
@@ -111,6 +112,7 @@ def _mirrored():
       distribute_mode="MirroredStrategy", devices=["/cpu:0", "/cpu:1"])
 
 
+@pytest.mark.slow
 def test_dpr_training_on_two_replicas_by_the_cache_equals_one_device(
     world, tmp_path):
   records = _dpr_records(world, 8)
