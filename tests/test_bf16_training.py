@@ -54,6 +54,7 @@ def test_bf16_loss_curve_is_within_tolerance_of_float32(losses):
   assert worst > 0, "bf16=True trained exactly as float32"
 
 
+@pytest.mark.slow
 def test_both_precisions_learn(losses):
   for curve in losses.values():
     assert curve[-1] < 0.8 * curve[0], curve
