@@ -1,6 +1,6 @@
 """The flag-usage lint: flags are read only in entry scripts, always with `.value`.
 
-Two rules, each offence reported as `file:line: ...` (the lint then exits 1):
+Three rules, each offence reported as `file:line: ...` (the lint then exits 1):
 
 - Every use of a flag holder ends in `.value`. Flags are defined as
   `_FLAG_NAME = flags.DEFINE_*(...)` and read as `_FLAG_NAME.value`; passing a
@@ -11,6 +11,9 @@ Two rules, each offence reported as `file:line: ...` (the lint then exits 1):
   (the command-line layer) touch flags: a library module, any other .py
   outside `tests/`, must not import `absl.flags` nor `cli`, and must not read
   a flag holder's `.value`. The library takes typed configs instead.
+- An entry script that imports `cli` imports it before any module but the
+  standard library's and absl's: cli.py sets the start-up environment that
+  TensorFlow and transformers read when they are imported.
 
   python check_flags.py [DIR_OR_FILE ...]   (default: the current directory)
 """
@@ -129,6 +132,33 @@ def library_offences_in_source(source, path="<source>"):
   return sorted(offences)
 
 
+def _imported_modules(node):
+  """The top-level names of the modules an import statement imports."""
+  if isinstance(node, ast.Import):
+    return [alias.name.split(".")[0] for alias in node.names]
+  if isinstance(node, ast.ImportFrom) and not node.level:
+    return [(node.module or "").split(".")[0]]
+  return []
+
+
+def import_order_offences_in_source(source, path="<source>"):
+  """(path, line, message) for each module an entry script imports before
+  `cli` but the standard library's and absl's."""
+  tree = ast.parse(source, path)
+  if not _is_entry_script(tree):
+    return []
+  early = []
+  for node in tree.body:
+    modules = _imported_modules(node)
+    if "cli" in modules:
+      return [(path, line, f"entry script imports {module} before cli: cli's "
+               "start-up environment must precede TensorFlow's import")
+              for line, module in early]
+    early += [(node.lineno, module) for module in modules
+              if module not in sys.stdlib_module_names and module != "absl"]
+  return []
+
+
 def is_library_path(relative_path):
   """Whether a file (its path relative to the linted directory) is a library
   module: not `cli.py`, nor under `tests/`."""
@@ -160,6 +190,7 @@ def main(argv):
     offences.extend(offences_in_source(source, path))
     if is_library_path(relative_path):
       offences.extend(library_offences_in_source(source, path))
+      offences.extend(import_order_offences_in_source(source, path))
   for path, line, message in offences:
     print(f"{path}:{line}: {message}")
   if offences:

@@ -24,8 +24,10 @@ The flags are the fields of `caching.CacheConfig`; from Python, call
 `caching.cache(config)`.
 """
 
-import caching
+# cli first: the start-up environment it sets must precede TensorFlow's import.
 import cli
+
+import caching
 
 _CACHE_FLAGS = cli.define_flags(caching.CacheConfig)
 

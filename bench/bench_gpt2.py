@@ -34,18 +34,20 @@ import tempfile
 import time
 import typing
 
-import numpy as np
-import tensorflow as tf
-import tf_keras
-import transformers
-
 # Run as a script from the repository root or anywhere, or imported as a
 # module (the tests do): the library lives one up, bench_common here.
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
 sys.path[:0] = [REPO, BENCH_DIR]
-import bench_common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# cli first: the start-up environment it sets must precede TensorFlow's import.
 import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tf_keras  # pylint: disable=g-import-not-at-top,wrong-import-position
+import transformers  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import bench_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import decoding  # pylint: disable=g-import-not-at-top,wrong-import-position
 import gpt2_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 import modeling_tf_gpt2_model_par as gpt2  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -39,11 +39,12 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
 sys.path[:0] = [REPO, BENCH_DIR]
 
+# cli first: the start-up environment it sets must precede TensorFlow's import.
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import bench_common  # pylint: disable=g-import-not-at-top,wrong-import-position
-import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 import grad_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
 import settings  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tf_utils  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -27,8 +27,9 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
 sys.path[:0] = [REPO, BENCH_DIR]
 
-import bench_common  # pylint: disable=g-import-not-at-top,wrong-import-position
+# cli first: the start-up environment it sets must precede TensorFlow's import.
 import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import context_draw  # pylint: disable=g-import-not-at-top,wrong-import-position
 import neighbour_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
 import settings  # pylint: disable=g-import-not-at-top,wrong-import-position

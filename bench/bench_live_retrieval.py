@@ -32,16 +32,19 @@ import tempfile
 import typing
 
 from absl import logging
-import numpy as np
-import tensorflow as tf
 
 # Run as a script from the repository root or anywhere: the modules live one
 # up; the server's start-and-wait helper is the tests' (tests/server_fixtures).
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__)),
                  os.path.join(REPO, "tests")]
-import bench_common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# cli first: the start-up environment it sets must precede TensorFlow's import.
 import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import bench_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import kilt_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 import live_retrieval  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrieval_client  # pylint: disable=g-import-not-at-top,wrong-import-position

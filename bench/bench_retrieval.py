@@ -38,18 +38,20 @@ import tempfile
 import time
 import typing
 
-import faiss
-import numpy as np
-import tensorflow as tf
-import tqdm
-
 # Run as a script from the repository root or anywhere, or imported as a
 # module (the tests do): the library lives one up, bench_common here.
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
 sys.path[:0] = [REPO, BENCH_DIR]
-import bench_common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# cli first: the start-up environment it sets must precede TensorFlow's import.
 import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+import faiss  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tqdm  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import bench_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrieval_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrievers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import settings  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -175,6 +175,45 @@ def test_check_flags_keeps_flags_out_of_library_modules(tmp_path):
                       str(tmp_path / "pkg" / "helpers.py")], result.stdout
 
 
+def test_check_flags_wants_cli_before_tensorflow_in_entry_scripts():
+  """cli.py's start-up environment (no PyTorch, no Keras 3) works only if it
+  is set before TensorFlow and transformers are imported."""
+  main_guard = "if __name__ == \"__main__\":\n  main()\n"
+  late = ("import os\nfrom absl import flags\nimport numpy as np\n"
+          "import tensorflow as tf\nimport cli\nimport training\n" +
+          main_guard)
+  message = ("entry script imports {} before cli: cli's start-up "
+             "environment must precede TensorFlow's import")
+  assert check_flags.import_order_offences_in_source(late, "late.py") == [
+      ("late.py", 3, message.format("numpy")),
+      ("late.py", 4, message.format("tensorflow"))]
+  first = ("import os\nimport sys\nfrom absl import flags\n"
+           "sys.path.insert(0, '.')\nimport cli\nimport tensorflow as tf\n" +
+           main_guard)
+  assert check_flags.import_order_offences_in_source(first, "first.py") == []
+  # Not an entry script, or one without cli: no rule.
+  assert check_flags.import_order_offences_in_source(
+      "import tensorflow as tf\nimport cli\n", "lib.py") == []
+  assert check_flags.import_order_offences_in_source(
+      "import tensorflow as tf\n" + main_guard, "plain.py") == []
+
+
+def test_entry_scripts_start_without_pytorch_or_keras_3():
+  """The start-up environment takes effect: an entry script's imports (cli,
+  then the library) bring in transformers' TensorFlow GPT-2 without PyTorch
+  or Keras 3, both installed here."""
+  probe = ("import sys\nimport cli\nimport training\n"
+           "from transformers import TFGPT2Model\n"
+           "print(sorted(m for m in ('torch', 'keras') if m in sys.modules))\n")
+  # Not this process's setting: the probe must make its own.
+  env = {name: value for name, value in os.environ.items()
+         if name not in ("USE_TF", "TF_USE_LEGACY_KERAS")}
+  result = subprocess.run([sys.executable, "-c", probe], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(env, TF_CPP_MIN_LOG_LEVEL="2"))
+  assert result.stdout.splitlines()[-1] == "[]", result.stderr[-2000:]
+
+
 def test_check_flags_passes_on_the_repository():
   result = _run(["check_flags.py", "."])
   assert result.returncode == 0, result.stdout

@@ -14,12 +14,14 @@ import os
 import sys
 
 from absl import flags
-import tensorflow as tf
-import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# cli first: the start-up environment it sets must precede TensorFlow's import.
 import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tqdm  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 import neighbour_cache  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tf_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 import utils  # pylint: disable=g-import-not-at-top,wrong-import-position

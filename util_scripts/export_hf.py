@@ -36,13 +36,15 @@ import tempfile
 
 from absl import flags
 from absl import logging
-import safetensors.numpy
-import tensorflow as tf
-import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# cli first: the start-up environment it sets must precede TensorFlow's import.
 import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+import safetensors.numpy  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+import transformers  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 import context_draw  # pylint: disable=g-import-not-at-top,wrong-import-position
 import gpt2_weights  # pylint: disable=g-import-not-at-top,wrong-import-position
 import neighbour_cache  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -41,8 +41,9 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# cli first: the start-up environment it sets must precede TensorFlow's import.
+import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 import block_store  # pylint: disable=g-import-not-at-top
-import cli  # pylint: disable=g-import-not-at-top
 import eval_stats  # pylint: disable=g-import-not-at-top
 import kilt_files  # pylint: disable=g-import-not-at-top
 import kilt_metrics  # pylint: disable=g-import-not-at-top

@@ -31,8 +31,9 @@ from absl import flags
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
-import caching  # pylint: disable=g-import-not-at-top,wrong-import-position
+# cli first: the start-up environment it sets must precede TensorFlow's import.
 import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+import caching  # pylint: disable=g-import-not-at-top,wrong-import-position
 import context_draw  # pylint: disable=g-import-not-at-top,wrong-import-position
 import eval_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 import evaluation  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -20,12 +20,14 @@ import os
 import sys
 
 from absl import flags
-import numpy as np
-import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# cli first: the start-up environment it sets must precede TensorFlow's import.
 import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 import kilt_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 import query_embedder  # pylint: disable=g-import-not-at-top,wrong-import-position
 import retrieval_eval  # pylint: disable=g-import-not-at-top,wrong-import-position
