@@ -233,6 +233,7 @@ _STRATEGY_ENTRY = (
      "--distribute_mode='GPUStrategy' is not one of OneDeviceStrategy"),
     ("--devices=/gpu:3", "device '/gpu:3' not found; this host has"),
 ])
+@pytest.mark.slow
 def test_strategy_flags_bad_input_is_one_line(flag, expected):
   line = _one_line_error(_run(["-c", _STRATEGY_ENTRY, flag]))
   assert expected in line

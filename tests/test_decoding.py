@@ -173,6 +173,7 @@ def _sequence_logprobs(model, prompt, continuations):
   return chosen[:, :, 0].sum(-1)
 
 
+@pytest.mark.slow
 def test_beam_search_with_every_prefix_kept_finds_the_best_sequence():
   model = gpt2.GPT2LMHeadModel.from_config(
       gpt2_fixtures.config(n_layer=1, vocab_size=6, initializer_range=0.5),

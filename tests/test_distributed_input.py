@@ -109,6 +109,7 @@ def test_training_input_is_distributed_per_replica_and_resumes_by_position(
                                            "input_ids")]), single[step])
 
 
+@pytest.mark.slow
 def test_evaluation_input_is_distributed_and_each_row_scored_once(
     world, tmp_path):
   setup, recorded = _setup(world, tmp_path, **TWO_REPLICAS)

@@ -286,6 +286,7 @@ def checkpoint(tmp_path_factory):
           "model": model, "tokenizer": tokenizer, "root": root}
 
 
+@pytest.mark.slow
 def test_eval_lm_writes_the_three_figures(checkpoint):
   output_path = str(checkpoint["root"] / "out" / "lm_eval.json")
   figures = lm_eval.evaluate_file(

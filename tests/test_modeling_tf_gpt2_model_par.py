@@ -167,6 +167,7 @@ def test_bf16_logits_are_close_to_float32(ours):
 
 
 @pytest.mark.parametrize("devices", [None, LOGICAL_CPUS[:2]])
+@pytest.mark.slow
 def test_recomputation_gives_the_same_gradients(reference_grads, devices):
   recomputed = gpt2_fixtures.our_model(devices=devices, recompute=True)
   ids, mask = gpt2_fixtures.batch()

@@ -289,6 +289,7 @@ def test_orqa_bert_module_loads_and_its_export_round_trips(bert, tmp_path):
                              atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_module_with_tanh_gelu_is_read_as_such(bert, tmp_path):
   """Later Google BERTs compute GELU's tanh approximation: the module's graph
   says which (Tanh, not Erf, in layer_0/intermediate), and so does ours."""

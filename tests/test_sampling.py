@@ -97,6 +97,7 @@ def test_bank_size_restricts_the_draw_to_the_best():
   check_against_plackett_luce(draws, scores[:4], 1.0, 2)
 
 
+@pytest.mark.slow
 def test_a_wrong_law_is_rejected(draws_at_0_7):
   """The test has power: the draws do not fit another temperature."""
   probabilities = plackett_luce_probabilities(SCORES, 0.9, 3)

@@ -243,6 +243,7 @@ def prompt_key(row):
   return tuple(ids[:end])
 
 
+@pytest.mark.slow
 def test_shapes_and_reproducibility(cache):
   first = batches(cache, config())
   again = batches(cache, config())
@@ -393,6 +394,7 @@ def test_epochs_reshuffle_and_every_example_is_seen(cache):
   assert keys[:30] != keys[30:60]
 
 
+@pytest.mark.slow
 def test_a_resumed_stream_skips_to_the_examples_an_uninterrupted_one_reads(
     cache):
   """Acceptance 4 (issue 14: by position, not a checkpointed iterator): the

@@ -47,6 +47,7 @@ def _assert_same_update(got, want, initial, name):
 @pytest.mark.parametrize("kind,batch_split", [
     ("one_device", 1), ("one_device", 2), ("mirrored_2_cpus", 1),
     ("mirrored_2_cpus", 2)])
+@pytest.mark.slow
 def test_xla_step_gives_the_update_of_the_plain_step(kind, batch_split):
   plain = distributed_fixtures.train_one_step(_strategy(kind),
                                               batch_split=batch_split)
