@@ -363,13 +363,10 @@ def _gelu_of_module(path):
 
 
 def _from_tf1_module(path, dropout_rate, name):
-  prefix = os.path.join(path, "variables", "variables")
-  try:
-    reader = tf.train.load_checkpoint(prefix)
-  except (tf.errors.OpError, ValueError):
-    raise utils.UserError(
-        f"{path}: no readable variables/variables checkpoint, expected a "
-        "TF1 Hub module's") from None
+  reader = utils.checkpoint_reader(
+      os.path.join(path, "variables", "variables"),
+      f"{path}: no readable variables/variables checkpoint, expected a "
+      "TF1 Hub module's")
   names = set(reader.get_variable_to_shape_map())
   architecture = _architecture_of(names, path)
   values = {key: reader.get_tensor(key)

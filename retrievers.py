@@ -168,12 +168,10 @@ def load_block_embeddings(embedder_path, num_blocks):
   (TF1 checkpoints) or `block_emb/.ATTRIBUTES/VARIABLE_VALUE` (TF2 ones).
   """
   checkpoint_path = os.path.join(embedder_path, "encoded", "encoded.ckpt")
-  try:
-    reader = tf.train.load_checkpoint(checkpoint_path)
-  except (tf.errors.OpError, ValueError):
-    raise utils.UserError(
-        f"{checkpoint_path}: no readable checkpoint (expected the REALM block "
-        "embeddings beside the embedder, in encoded/encoded.ckpt)") from None
+  reader = utils.checkpoint_reader(
+      checkpoint_path,
+      f"{checkpoint_path}: no readable checkpoint (expected the REALM block "
+      "embeddings beside the embedder, in encoded/encoded.ckpt)")
   shapes = reader.get_variable_to_shape_map()
   name = next((n for n in _BLOCK_EMB_NAMES if n in shapes), None)
   if name is None:

@@ -145,6 +145,15 @@ def read_json(path, what="JSON file"):
         f"{error.msg}") from None
 
 
+def checkpoint_reader(prefix, error_message):
+  """tf.train's reader of the checkpoint at `prefix`; a UserError with
+  `error_message` when there is none to read there."""
+  try:
+    return tf.train.load_checkpoint(prefix)
+  except (tf.errors.OpError, ValueError):
+    raise UserError(error_message) from None
+
+
 def read_finished_json(directory, name, what, format_version, how_to_finish):
   """The JSON file `name` that marks `directory` as a finished `what` (it is
   written last), checked to be of `format_version`."""
